@@ -1,0 +1,163 @@
+"""The checkpoint format, written by `ferry finetune` and read by every later stage.
+
+A checkpoint is a valid Hugging Face directory (``save_pretrained``, safetensors only) plus:
+
+- ``ferry.json``: stage, base model, data files (sha256, rows), split seed, every
+  hyperparameter, metrics, library versions, time; written last, so a directory without
+  it is not a complete checkpoint;
+- ``heldout.jsonl``: the test split (``{"text", "label"}`` per line), so export can
+  measure accuracy without asking for data again;
+- ``calibration.jsonl``: a sample of the training texts, for static quantization;
+- ``metrics.jsonl`` and ``training_curve.png``: the training history.
+
+Any Hugging Face sequence-classification directory (no ``ferry.json``) is accepted too;
+it then has no held-out data of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ferry.errors import CheckpointError
+from ferry.files import MANIFEST, read_manifest, sha256_file, write_json
+
+STAGE = "finetune"
+HELDOUT = "heldout.jsonl"
+CALIBRATION = "calibration.jsonl"
+HISTORY = "metrics.jsonl"
+CURVE = "training_curve.png"
+WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "sentencepiece.bpe.model")
+MAKE_ONE = "ferry finetune --output DIR makes one"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checked checkpoint directory."""
+
+    path: Path
+    config: dict[str, Any]
+    manifest: dict[str, Any]
+    labels: list[str]
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "unknown"))
+
+    @property
+    def heldout(self) -> Path | None:
+        p = self.path / HELDOUT
+        return p if p.is_file() else None
+
+    @property
+    def calibration(self) -> Path | None:
+        p = self.path / CALIBRATION
+        return p if p.is_file() else None
+
+    @property
+    def manifest_sha256(self) -> str | None:
+        p = self.path / MANIFEST
+        return sha256_file(p) if p.is_file() else None
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest.get("settings", {}).get("max_length") or 512)
+
+
+def check_valid_checkpoint_dir(path: str | Path, flag: str = "CHECKPOINT") -> Checkpoint:
+    """Check a checkpoint directory before any work; name what is missing and the fix."""
+    p = Path(path)
+    if not p.is_dir():
+        incomplete = p.parent / f".{p.name}.incomplete"
+        if incomplete.is_dir():
+            raise CheckpointError(
+                f"{flag} {path}: the fine-tuning run that writes it did not finish; rerun it with --resume"
+            )
+        raise CheckpointError(f"{flag} {path}: no such directory; {MAKE_ONE}")
+    config_path = p / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{flag} {path}: no config.json, so this is not a model checkpoint; {MAKE_ONE}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise CheckpointError(
+            f"{flag} {path}: config.json describes {', '.join(archs) or 'no architecture'}, "
+            f"not a sequence-classification model; {MAKE_ONE}"
+        )
+    has_weights = (p / WEIGHTS).is_file() or (p / "model.safetensors.index.json").is_file()
+    if not has_weights:
+        if (p / "pytorch_model.bin").is_file():
+            raise CheckpointError(
+                f"{flag} {path}: only pytorch_model.bin (pickle) weights; ferry loads safetensors only: "
+                "re-save with save_pretrained(..., safe_serialization=True)"
+            )
+        raise CheckpointError(f"{flag} {path}: no {WEIGHTS}; {MAKE_ONE}")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model")
+    manifest: dict[str, Any] = {}
+    if (p / MANIFEST).exists():
+        manifest = read_manifest(p)
+        if manifest.get("stage") != STAGE:
+            raise CheckpointError(f"{flag} {path}: {MANIFEST} was written by '{manifest.get('stage')}', not by ferry finetune")
+    id2label = config.get("id2label") or {}
+    labels = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else []
+    return Checkpoint(p, config, manifest, labels)
+
+
+def write_checkpoint(
+    staging: Path,
+    model: Any,
+    tokenizer: Any,
+    manifest: dict[str, Any],
+    heldout: Any | None = None,
+    calibration: Any | None = None,
+) -> None:
+    """Write a complete checkpoint into ``staging``; the manifest goes last.
+
+    Args:
+        model: a transformers PreTrainedModel for sequence classification.
+        tokenizer: its tokenizer.
+        manifest: the manifest body; ``stage`` and ``files`` are filled in here.
+        heldout, calibration: :class:`finetune.data.Examples` to store beside the model.
+    """
+    from finetune.data import write_jsonl
+
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if heldout is not None:
+        write_jsonl(staging / HELDOUT, heldout)
+    if calibration is not None:
+        write_jsonl(staging / CALIBRATION, calibration)
+    files = {
+        f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        for f in sorted(staging.iterdir())
+        if f.is_file() and f.name != MANIFEST
+    }
+    write_json(staging / MANIFEST, {"stage": STAGE, **manifest, "files": files})
+
+
+def load_model(ckpt: Checkpoint, **kwargs: Any) -> Any:
+    """The PyTorch model of a checkpoint, from safetensors only."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(ckpt.path, use_safetensors=True, **kwargs)
+    except Exception as e:  # safetensors and transformers raise many types for damaged files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt.path}: cannot load the model weights ({first}); the file may be corrupted") from None
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({first})") from None
