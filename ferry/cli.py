@@ -17,7 +17,15 @@ from ferry.errors import FerryError
 VERBS: dict[str, tuple[str, str, str, str]] = {
     "finetune": ("finetune.train", "FinetuneArgs", "finetune", "fine-tune a pretrained model on labelled data"),
     "evaluate": ("finetune.evaluate", "EvaluateArgs", "evaluate", "evaluate a checkpoint on a labelled file"),
+    "export": ("export.export", "ExportArgs", "export", "export a checkpoint to ONNX (fp32, int8, fp16) with a parity gate"),
+    "parity": ("export.parity", "ParityArgs", "parity", "compare an artifact's ONNX variants with PyTorch"),
+    "bench": ("export.bench", "BenchArgs", "bench", "benchmark an artifact offline, or a live server with --url"),
+    "pipeline": ("export.pipeline", "PipelineArgs", "pipeline", "finetune, export, parity and bench in one run"),
+    "serve": ("serve.cli", "ServeArgs", "serve", "serve an artifact over HTTP with BentoML"),
+    "store": ("serve.cli", "StoreArgs", "store", "register an artifact in the BentoML model store"),
 }
+# `ferry bench --url` measures a live server instead of an artifact.
+LOAD_BENCH = ("serve.loadbench", "LoadBenchArgs", "loadbench", "load-test a live ferry server")
 
 
 def usage() -> str:
@@ -32,7 +40,10 @@ def usage() -> str:
 
 
 def run(verb: str, argv: list[str]) -> int:
-    module_name, args_name, fn_name, description = VERBS[verb]
+    spec = VERBS[verb]
+    if verb == "bench" and any(a == "--url" or a.startswith("--url=") for a in argv):
+        spec = LOAD_BENCH
+    module_name, args_name, fn_name, description = spec
     module = importlib.import_module(module_name)
     args = parse(getattr(module, args_name), argv, prog=f"ferry {verb}", description=description)
     result = getattr(module, fn_name)(args)
