@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import random
 import sys
@@ -115,15 +116,23 @@ def _read_rows(path: Path, text_column: str, label_column: str, decode_errors: s
     return texts, labels, 2
 
 
-def _read_dir(path: Path, decode_errors: str) -> tuple[list[str], list[str]]:
+def _read_dir(path: Path, decode_errors: str) -> tuple[list[str], list[str], str]:
+    """(texts, labels, sha256) of a ``<label>/*.txt`` directory.
+
+    The digest covers the sorted relative paths and the bytes of every file read, so
+    renaming, moving or editing any example changes it.
+    """
     texts, labels = [], []
+    digest = hashlib.sha256()
     for label_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(label_dir.glob("*.txt")):
-            texts.append(_decode(f.read_bytes(), str(f), decode_errors).strip())
+            raw = f.read_bytes()
+            digest.update(f"{label_dir.name}/{f.name}".encode() + b"\0" + hashlib.sha256(raw).digest())
+            texts.append(_decode(raw, str(f), decode_errors).strip())
             labels.append(label_dir.name)
     if not texts:
         raise DataError(f"{path}: no <label>/*.txt files in this directory")
-    return texts, labels
+    return texts, labels, digest.hexdigest()
 
 
 def load_labelled(
@@ -147,9 +156,8 @@ def load_labelled(
     if not p.exists():
         raise DataError(f"{flag} {path}: file not found")
     if p.is_dir():
-        texts, labels = _read_dir(p, decode_errors)
+        texts, labels, digest = _read_dir(p, decode_errors)
         first_row = 1
-        digest = None
     else:
         texts, labels, first_row = _read_rows(p, text_column, label_column, decode_errors)
         digest = sha256_file(p)

@@ -49,3 +49,21 @@ def report(cm: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
 
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
     return report(confusion_matrix(y_true, y_pred, len(labels)), labels)
+
+
+def format_report(rep: dict[str, Any], title: str = "") -> str:
+    """A small text table: per-class precision/recall/F1/support, then the confusion matrix."""
+    labels = list(rep["per_class"])
+    width = max([len("class")] + [len(label) for label in labels])
+    lines = [title] if title else []
+    lines.append(f"  {'class':<{width}}  precision  recall      f1  support")
+    for label, m in rep["per_class"].items():
+        lines.append(
+            f"  {label:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}"
+        )
+    cm = rep["confusion_matrix"]
+    cell = max([len(str(v)) for row in cm for v in row] + [len(str(i)) for i in range(len(labels))] + [3])
+    lines.append(f"  confusion matrix (rows true, columns predicted, in the order above):")
+    for label, row in zip(labels, cm):
+        lines.append(f"  {label:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
+    return "\n".join(lines)
