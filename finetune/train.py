@@ -111,6 +111,7 @@ def finetune(args: FinetuneArgs) -> int:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+            torch.manual_seed(args.seed + dist.rank)  # DDP broadcast rank 0's weights; dropout differs per rank
         input_names = batching.model_input_names(net, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         train_ids = batching.encode(tokenizer, train.texts, args.max_length)
@@ -431,7 +432,8 @@ def _plot_curve(path: Path, loss_log: list[list[float]], history: list[dict[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
     if loss_log:
         left.plot([x for x, _ in loss_log], [y for _, y in loss_log], lw=1, label="batch loss")
     left.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], "o-", label="epoch mean")
@@ -444,6 +446,5 @@ def _plot_curve(path: Path, loss_log: list[list[float]], history: list[dict[str,
         right.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best ({metric})")
         right.legend()
     right.set(xlabel="epoch", ylabel="validation", title="validation metrics")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)

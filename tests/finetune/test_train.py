@@ -267,3 +267,47 @@ def test_output_inside_the_training_data_is_refused(tmp_path, tiny_bert, rows, c
 
     data = write(tmp_path / "data", rows, "dir")
     run_fails(finetune_argv(tiny_bert, data, data / "ckpt"), capsys, "is inside the input")
+
+
+# --- precision -----------------------------------------------------------------------------------
+
+def test_bf16_autocast_on_cpu_saves_fp32_weights(tmp_path, tiny_bert, train_csv, capsys):
+    out = tmp_path / "ckpt"
+    run_ok(finetune_argv(tiny_bert, train_csv, out, "--epochs", "1", "--precision", "bf16"), capsys)
+    weights = load_file(str(out / "model.safetensors"))
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
+    assert read_manifest(out)["settings"]["precision"] == "bf16"
+
+
+def test_grad_accumulation_and_length_grouping(tmp_path, tiny_bert, train_csv, capsys):
+    out = tmp_path / "ckpt"
+    run_ok(finetune_argv(tiny_bert, train_csv, out, "--epochs", "1", "--grad-accum-steps", "3",
+                         "--group-by-length", "--scheduler", "cosine"), capsys)
+    assert read_manifest(out)["settings"]["grad_accum_steps"] == 3
+
+
+def test_length_grouped_batches_cover_every_example_once():
+    from finetune.batching import batch_indices, epoch_order
+
+    lengths = [(i * 37) % 50 + 1 for i in range(203)]
+    order = epoch_order(203, seed=1, epoch=2)
+    assert order == epoch_order(203, seed=1, epoch=2) and order != epoch_order(203, seed=1, epoch=3)
+    batches = batch_indices(order, 8, lengths, seed=1, epoch=2)
+    assert sorted(i for b in batches for i in b) == list(range(203))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    plain = batch_indices(order, 8)
+    assert spread < sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain) / 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_on_cuda(tmp_path, tiny_bert, train_csv, capsys, precision):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = tmp_path / "ckpt"
+    run_ok(finetune_argv(tiny_bert, train_csv, out, "--epochs", "1", "--precision", precision), capsys)
+    weights = load_file(str(out / "model.safetensors"))
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
+    assert read_manifest(out)["metrics"]["test"]["examples"] == 12
