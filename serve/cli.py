@@ -1,0 +1,233 @@
+"""`ferry serve` and `ferry store`: run the BentoML service on an artifact, or register it in the model store.
+
+`ferry serve` checks everything it can before any server starts (the artifact, the
+variant, the model file's sha256, the ONNX session, the tokenizer, the port), then runs
+``bentoml serve serve.service:Ferry`` as a child process configured through ``FERRY_*``
+environment variables, and stops it cleanly on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from export.artifact import check_valid_artifact_dir
+from export.session import OPT_LEVELS
+from ferry.config import opt, positive
+from ferry.errors import ConfigError, FerryError
+from serve.settings import DEFAULT_MODEL, DEVICE_DEFAULTS, ServeSettings
+
+SERVICE = "serve.service:Ferry"
+ROOT = Path(__file__).resolve().parent.parent  # the directory holding the serve, export and ferry packages
+
+
+def at_least_two(value: Any) -> str | None:
+    return None if value is None or value >= 2 else "must be >= 2 (BentoML batches at least two texts)"
+
+
+def port_number(value: Any) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port in 1..65535"
+
+
+@dataclasses.dataclass
+class ServeArgs:
+    """Serve an artifact over HTTP with BentoML (adaptive batching, CPU or CUDA)."""
+
+    artifact: str | None = opt(None, "the artifact directory written by ferry export", positional=True)
+    variant: str | None = opt(None, "the variant to serve (default: the artifact's default for the device, from its ferry.json)")
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = opt(3000, "TCP port to listen on", check=port_number)
+    device: str = opt("auto", "where to run: auto (CUDA when ONNX Runtime can use a GPU), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    threads: int | None = opt(None, "ONNX Runtime intra-op threads per worker (default: one per physical core)", check=positive)
+    optimization: str = opt("all", "ONNX Runtime graph optimization level", choices=OPT_LEVELS)
+    workers: int = opt(1, "server worker processes, each loading the model once", check=positive)
+    max_batch_size: int | None = opt(
+        None,
+        f"most texts the adaptive batcher merges into one model batch (default: {DEVICE_DEFAULTS['cpu']['max_batch_size']} "
+        f"on CPU, {DEVICE_DEFAULTS['cuda']['max_batch_size']} on GPU)",
+        check=at_least_two,
+    )
+    max_latency_ms: int | None = opt(
+        None,
+        "queueing budget: a batch whose estimated latency passes it is refused with 503 (overload) "
+        f"(default: {DEVICE_DEFAULTS['cpu']['max_latency_ms']} on CPU, {DEVICE_DEFAULTS['cuda']['max_latency_ms']} on GPU)",
+        check=positive,
+    )
+    max_texts: int = opt(256, "most texts in one request (more: 413)", check=positive)
+    max_chars: int = opt(50_000, "most characters in one text (more: 413); texts over max_length tokens are truncated", check=positive)
+    timeout: int = opt(120, "seconds before a request is abandoned", check=positive)
+    import_model: bool = opt(
+        False, "register the artifact in the BentoML model store first and serve it from there", short="--import"
+    )
+    name: str = opt(DEFAULT_MODEL, "model store name for --import")
+
+
+@dataclasses.dataclass
+class StoreArgs:
+    """Register an artifact in the BentoML model store, so a Bento built with bentofile.yaml carries it."""
+
+    artifact: str | None = opt(None, "the artifact directory written by ferry export", positional=True)
+    name: str = opt(DEFAULT_MODEL, "model name in the store (bentofile.yaml's service serves ferry-classifier:latest)")
+
+
+def check_port(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except PermissionError:
+            raise ConfigError(f"--port {port}: permission denied on {host}; use a port above 1023") from None
+        except OSError as e:
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); is a server already running there?") from None
+
+
+def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
+    """Copy a checked artifact into the BentoML model store; returns the tag."""
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    from ferry.files import sha256_file
+
+    artifact = check_valid_artifact_dir(path)
+    for variant in artifact.variants.values():
+        variant.verify()  # never store a modified model file
+    m = artifact.manifest
+    metadata = {
+        "labels": artifact.labels,
+        "max_length": artifact.max_length,
+        "default_variant": m.get("default_variant") or {},
+        "variants": {
+            n: {"precision": v.info.get("precision"), "status": v.status, "batch_invariant": bool(v.info.get("batch_invariant", False))}
+            for n, v in artifact.variants.items()
+        },
+        "source_model_type": (m.get("source") or {}).get("model_type"),
+        "manifest_sha256": sha256_file(artifact.path / "ferry.json"),
+        "artifact": str(artifact.path.resolve()),
+    }
+    try:
+        with bentoml.models.create(name, labels={"stage": "export", "project": "ferry"}, metadata=metadata) as model:
+            for item in artifact.path.iterdir():
+                target = Path(model.path) / item.name
+                if item.is_dir():
+                    shutil.copytree(item, target, dirs_exist_ok=True)
+                elif item.is_file():
+                    shutil.copy2(item, target)
+    except BentoMLException as e:
+        raise FerryError(f"--name {name}: BentoML refused to store the model ({e})") from None
+    return str(model.tag)
+
+
+def store(args: StoreArgs) -> int:
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    tag = store_artifact(args.artifact, args.name)  # type: ignore[arg-type]
+    print(tag)
+    return 0
+
+
+def serve(args: ServeArgs) -> int:
+    from serve.runtime import Runtime
+
+    if args.artifact is None:
+        raise ConfigError("ARTIFACT is required")
+    # Everything a worker will do at start, done here first, so bad input is one line and no server.
+    runtime = Runtime(args.artifact, args.variant, args.device, args.threads, args.optimization)
+    for note in runtime.notes:
+        print(f"ferry serve: warning: {note}", file=sys.stderr)
+    settings = ServeSettings(
+        artifact=str(Path(args.artifact).resolve()),
+        variant=args.variant,
+        device=args.device,
+        threads=args.threads,
+        optimization=args.optimization,
+        workers=args.workers,
+        max_batch_size=args.max_batch_size,
+        max_latency_ms=args.max_latency_ms,
+        max_texts=args.max_texts,
+        max_chars=args.max_chars,
+        timeout_s=args.timeout,
+    )
+    batch, latency = settings.batching(runtime.device)
+    print(f"ferry serve: {runtime.describe()}", file=sys.stderr)
+    del runtime
+    check_port(args.host, args.port)
+    if args.import_model:
+        settings.model_tag = store_artifact(args.artifact, args.name)  # type: ignore[arg-type]
+        settings.artifact = None
+        print(f"ferry serve: registered the artifact as {settings.model_tag}; serving it from the model store", file=sys.stderr)
+    print(
+        f"ferry serve: http://{args.host}:{args.port} (POST /classify, GET /info, /readyz, /metrics), "
+        f"max_batch_size={batch}, max_latency_ms={latency}, workers={args.workers}; Ctrl-C stops it",
+        file=sys.stderr,
+    )
+    return run_server(settings, args.host, args.port)
+
+
+def server_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port), "--working-dir", str(ROOT)]
+
+
+def server_env(settings: ServeSettings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    env.update(settings.to_env())
+    env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The server must import this checkout's packages, wherever ferry was started from.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop(signum)
+
+
+def run_server(settings: ServeSettings, host: str, port: int) -> int:
+    """Run the server until it exits, or until Ctrl-C / SIGTERM, which stop it gracefully."""
+    # Installed explicitly: a process started in the background inherits SIGINT ignored.
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Its own process group, so a hard stop can take the workers down with the arbiter.
+    proc = subprocess.Popen(server_command(host, port), env=server_env(settings), cwd=str(ROOT), start_new_session=True)
+    try:
+        rc = proc.wait()
+    except (_Stop, KeyboardInterrupt):
+        stop(proc)
+        print("ferry serve: stopped", file=sys.stderr)
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if rc != 0:
+        raise FerryError(f"the BentoML server exited with status {rc}; its log above says why")
+    return 0
+
+
+def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGINT (BentoML's graceful shutdown), then SIGKILL if it does not exit in ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)  # BentoML's arbiter stops its workers gracefully on it
+    try:
+        proc.wait(grace)
+    except (subprocess.TimeoutExpired, _Stop, KeyboardInterrupt):  # too slow, or a second Ctrl-C: stop now
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+

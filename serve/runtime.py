@@ -1,0 +1,379 @@
+"""The serving runtime: one artifact variant behind a tokenizer and an ONNX Runtime session.
+
+No PyTorch and no transformers on this path: the tokenizer is the artifact's
+``tokenizer.json`` loaded with the ``tokenizers`` library (the same Rust tokenizer that
+transformers' fast tokenizers wrap, so the ids are identical, without importing
+transformers, which takes seconds and may pull in torch), and the softmax is numpy.
+
+A batch is grouped by token length and each group is padded only to its own longest
+text, so short texts don't pay for long ones. A variant whose answers depend on the
+batch (dynamic int8: ONNX Runtime computes activation scales per batch) is run one text
+per inference call, which makes every answer equal to the answer given alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import platform
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from export.artifact import UNVERIFIED, Artifact, Variant, check_valid_artifact_dir
+from export.session import CPU, CUDA, active_provider, available_providers, choose_providers, create_session
+from ferry.errors import ArtifactError, FerryError
+
+TOKENIZER_FILE = "tokenizer.json"
+DEVICES = ("auto", "cpu", "cuda")
+# A length group closes when padding it to its longest text would add more than this
+# fraction of padding tokens to its real tokens.
+PAD_SLACK = 0.25
+
+
+@dataclasses.dataclass
+class Batch:
+    """The raw result of one batch: probabilities in input order and per-text facts."""
+
+    probs: np.ndarray  # [n, labels] float64
+    truncated: list[bool]
+    tokens: list[int]  # tokens per text after truncation
+    padded_tokens: int  # tokens the model actually ran, padding included
+    runs: int  # inference calls made
+
+
+def has_nvidia_device() -> bool:
+    """Whether a GPU device node exists; without one, asking ORT for CUDA only logs errors."""
+    if platform.system() != "Linux":
+        return True  # let ONNX Runtime find out
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def resolve_device(device: str = "auto", available: Sequence[str] | None = None, gpu_present: bool | None = None) -> str:
+    """"cpu" or "cuda" for a requested device ("auto", "cpu", "cuda").
+
+    "auto" is "cuda" only when ONNX Runtime has the CUDA provider and a GPU is present.
+
+    Raises:
+        FerryError: an unknown device, or "cuda" without the CUDA provider.
+    """
+    if device not in DEVICES:
+        raise FerryError(f"--device {device!r} is not one of: {', '.join(DEVICES)}")
+    available = available_providers() if available is None else list(available)
+    if device == "cpu":
+        return "cpu"
+    providers = choose_providers(device, available)  # raises for cuda without the provider
+    if device == "cuda":
+        return "cuda"
+    present = has_nvidia_device() if gpu_present is None else gpu_present
+    return "cuda" if CUDA in providers and present else "cpu"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def length_groups(lengths: Sequence[int], max_group: int | None = None, slack: float = PAD_SLACK) -> list[list[int]]:
+    """Indices grouped by token length: each group is padded to its own longest text.
+
+    Indices are sorted by length; a group closes when it holds ``max_group`` texts or
+    when padding it to the next text's length would exceed ``slack`` of its real tokens.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        full = max_group is not None and len(current) >= max_group
+        wasteful = current and n * (len(current) + 1) > (real + n) * (1 + slack)
+        if current and (full or wasteful):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def load_tokenizer(artifact: Artifact, max_length: int) -> Any:
+    """The artifact's tokenizer.json, truncating to ``max_length``, never padding."""
+    from tokenizers import Tokenizer
+
+    path = artifact.path / TOKENIZER_FILE
+    if not path.is_file():
+        raise ArtifactError(
+            f"{artifact.path}: no {TOKENIZER_FILE}; the serving runtime needs a fast tokenizer, re-export from a "
+            "checkpoint saved with a fast tokenizer"
+        )
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a plain Exception for a damaged file
+        raise ArtifactError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    check_vocabulary(artifact, tok)
+    return tok
+
+
+def check_vocabulary(artifact: Artifact, tok: Any) -> None:
+    """Refuse a tokenizer that emits ids past the model's embedding table (every text using them would fail)."""
+    import json
+
+    config_path = artifact.path / "config.json"
+    try:
+        vocab_size = int(json.loads(config_path.read_text(encoding="utf-8")).get("vocab_size") or 0)
+    except (OSError, ValueError, TypeError):
+        return  # no usable config.json: nothing to compare with
+    top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+    if vocab_size and top >= vocab_size:
+        raise ArtifactError(
+            f"{artifact.path / TOKENIZER_FILE}: token ids go up to {top} but config.json's vocab_size is {vocab_size}; "
+            "the tokenizer does not match the model, re-export from the checkpoint"
+        )
+
+
+def select_variant(artifact: Artifact, name: str | None, device: str, notes: list[str] | None = None) -> Variant:
+    """The variant to serve: ``name``, or the artifact's default for the device (GPU: fp16 when exported).
+
+    Raises:
+        ArtifactError: an unknown variant, or one that failed its parity gate.
+    """
+    notes = [] if notes is None else notes
+    if name is None and device == "cuda":
+        gpu_default = (artifact.manifest.get("default_variant") or {}).get("gpu")
+        v = artifact.variant(gpu_default) if gpu_default else artifact.variant(None, "cpu")
+    else:
+        v = artifact.variant(name, "cpu")
+    if not v.servable:
+        servable = ", ".join(n for n, x in artifact.variants.items() if x.servable) or "none"
+        raise ArtifactError(f"{artifact.path}: variant '{v.name}' failed its parity gate and is not served; servable variants: {servable}")
+    if v.status == UNVERIFIED:
+        notes.append(f"variant '{v.name}' is unverified: its parity with PyTorch was not measured")
+    if device == "cpu" and v.info.get("precision") == "fp16":
+        notes.append(f"variant '{v.name}' is fp16, which is slow on CPU; the int8 or fp32 variant suits CPU")
+    return v
+
+
+def check_startup(path: str | Path, variant: str | None, device: str) -> Variant:
+    """What the server checks before it starts workers: artifact, variant, model sha256, tokenizer."""
+    artifact = check_valid_artifact_dir(path)
+    v = select_variant(artifact, variant, resolve_device(device))
+    v.verify()
+    load_tokenizer(artifact, artifact.max_length)
+    return v
+
+
+def _device_value(array: np.ndarray, device_id: int = 0) -> Any:
+    """An OrtValue holding ``array`` on the GPU (one host-to-device copy)."""
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
+
+
+class Runtime:
+    """Tokenizer + ONNX Runtime session for one artifact variant.
+
+    Args:
+        artifact: the artifact directory (``ferry export`` output).
+        variant: a variant name, or None for the artifact's default on the chosen device.
+        device: "auto" (CUDA when usable, else CPU), "cpu" or "cuda".
+        threads: ONNX Runtime intra-op threads (None: one per physical core).
+        optimization: graph optimization level (disable, basic, extended, all).
+        max_group: most texts per inference call (None: no cap beyond length grouping).
+        available: the ONNX Runtime provider list, faked in tests.
+        gpu_present: whether a GPU is present, faked in tests (None: look for one).
+        session_factory: builds the session (tests pass a fake); defaults to export.session.create_session.
+
+    Raises:
+        ArtifactError: a bad artifact, an unservable variant, or a model file whose sha256
+            differs from the manifest (the runtime then refuses to start).
+    """
+
+    def __init__(
+        self,
+        artifact: str | Path | Artifact,
+        variant: str | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+        optimization: str = "all",
+        max_group: int | None = None,
+        available: Sequence[str] | None = None,
+        gpu_present: bool | None = None,
+        session_factory: Callable[..., Any] | None = None,
+    ):
+        self.artifact = artifact if isinstance(artifact, Artifact) else check_valid_artifact_dir(artifact)
+        self.threads = threads
+        self.optimization = optimization
+        self.max_group = max_group
+        self.labels = self.artifact.labels
+        self.max_length = self.artifact.max_length
+        available = available_providers() if available is None else list(available)
+        factory = session_factory or create_session
+        self.requested_device = device
+        self.notes: list[str] = []  # warnings for the caller to show (the server logs them)
+        self.device = resolve_device(device, available, gpu_present)
+        self.tokenizer = load_tokenizer(self.artifact, self.max_length)
+        self.fallback: str | None = None
+        self.variant = select_variant(self.artifact, variant, self.device, self.notes)
+        self.session = self._open(factory, available)
+        self.provider = active_provider(self.session)
+        if self.device == "cuda" and self.provider != CUDA:
+            # ORT lists CUDA but could not use it (no driver, no cuDNN): serve on CPU, with the CPU variant.
+            self.fallback = f"CUDA provider listed but unusable, fell back to {self.provider}"
+            if device == "cuda":
+                raise FerryError(f"--device cuda: ONNX Runtime could not use the GPU ({self.fallback}); use --device cpu")
+            self.device = "cpu"
+            self.variant = select_variant(self.artifact, variant, "cpu", self.notes)
+            self.session = self._open(factory, [CPU])
+            self.provider = active_provider(self.session)
+        self.io_binding = self.provider == CUDA
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_name = self.session.get_outputs()[0].name
+        known = {"input_ids", "attention_mask", "token_type_ids"}
+        unknown = [n for n in self.input_names if n not in known]
+        if unknown:
+            raise ArtifactError(f"{self.variant.path}: model inputs {unknown} are not text-classification inputs")
+        self.batch_invariant_variant = bool(self.variant.info.get("batch_invariant", False))
+        # One text per call makes a batch-dependent variant answer exactly as when alone.
+        self.one_per_run = not self.batch_invariant_variant
+        self.pad_id = self._pad_id()
+        self._ready = threading.Event()
+
+    # --- loading -----------------------------------------------------------------
+    def _open(self, factory: Callable[..., Any], available: Sequence[str]) -> Any:
+        self.variant.verify()  # integrity: refuse a model file whose sha256 differs from the manifest
+        return factory(
+            self.variant.path, device=self.device, threads=self.threads, optimization=self.optimization,
+            available=available,
+        )
+
+    def _pad_id(self) -> int:
+        for token in ("[PAD]", "<pad>", "<PAD>"):
+            i = self.tokenizer.token_to_id(token)
+            if i is not None:
+                return int(i)
+        return 0  # the attention mask hides padding, whatever its id
+
+    # --- facts ---------------------------------------------------------------------
+    @property
+    def batch_invariant(self) -> bool:
+        return True  # either the variant is, or one_per_run makes it so
+
+    def describe(self) -> str:
+        how = "variant" if self.batch_invariant_variant else "one text per inference call"
+        fb = f" ({self.fallback})" if self.fallback else ""
+        return (
+            f"serving {self.artifact.path} variant '{self.variant.name}' "
+            f"({self.variant.info.get('precision', '?')}, parity {self.variant.status}) on {self.provider}{fb}, "
+            f"threads {self.threads or 'auto'}, optimization {self.optimization}, batch-invariant by {how}"
+        )
+
+    def info(self) -> dict[str, Any]:
+        m = self.artifact.manifest
+        v = self.variant
+        return {
+            "model": {
+                "artifact": str(self.artifact.path),
+                "model_type": (m.get("source") or {}).get("model_type"),
+                "source_checkpoint": (m.get("source") or {}).get("checkpoint"),
+                "task": m.get("task"),
+            },
+            "labels": self.labels,
+            "variant": v.name,
+            "precision": v.info.get("precision"),
+            "sha256": v.info.get("sha256"),
+            "provider": self.provider,
+            "device": self.device,
+            "fallback": self.fallback,
+            "io_binding": self.io_binding,
+            "threads": self.threads,
+            "optimization": self.optimization,
+            "max_length": self.max_length,
+            "batch_invariant": self.batch_invariant,
+            "batch_invariant_variant": self.batch_invariant_variant,
+            "batch_invariance": "variant" if self.batch_invariant_variant else "one text per inference call",
+            "parity": {"status": v.status, **(v.info.get("parity") or {})},
+            "variants": {n: x.status for n, x in self.artifact.variants.items()},
+            "ready": self.ready,
+        }
+
+    # --- inference -----------------------------------------------------------------
+    def encode(self, texts: Sequence[str]) -> list[Any]:
+        return self.tokenizer.encode_batch(list(texts))
+
+    def _feed(self, encodings: Sequence[Any]) -> dict[str, np.ndarray]:
+        width = max(len(e.ids) for e in encodings)
+        n = len(encodings)
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
+        for row, e in enumerate(encodings):
+            k = len(e.ids)
+            ids[row, :k] = e.ids
+            mask[row, :k] = 1
+            types[row, :k] = e.type_ids
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: feed[name] for name in self.input_names}
+
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        if not self.io_binding:
+            return self.session.run([self.output_name], feed)[0]
+        # CUDA: inputs copied once to the GPU as OrtValues, the output allocated there by
+        # ORT, then one copy back for the numpy softmax; no staging through ORT's CPU feeds.
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_ortvalue_input(name, _device_value(np.ascontiguousarray(array)))
+        binding.bind_output(self.output_name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def run_batch(self, texts: Sequence[str]) -> Batch:
+        """Probabilities for ``texts`` in their order, grouped by token length inside."""
+        encodings = self.encode(texts)
+        lengths = [len(e.ids) for e in encodings]
+        probs = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
+        groups = [[i] for i in range(len(texts))] if self.one_per_run else length_groups(lengths, self.max_group)
+        padded = 0
+        for group in groups:
+            feed = self._feed([encodings[i] for i in group])
+            padded += int(feed["input_ids"].size) if "input_ids" in feed else 0
+            logits = np.asarray(self._run(feed), dtype=np.float32)
+            if logits.shape != (len(group), len(self.labels)):
+                raise ArtifactError(
+                    f"{self.variant.path}: logits of shape {logits.shape}, expected {(len(group), len(self.labels))} "
+                    "(labels in ferry.json do not match the model)"
+                )
+            probs[group] = softmax(logits)
+        truncated = [len(e.overflowing) > 0 for e in encodings]
+        return Batch(probs, truncated, lengths, padded, len(groups))
+
+    def format(self, probs: np.ndarray, truncated: bool, return_all_scores: bool = False) -> dict[str, Any]:
+        best = int(np.argmax(probs))
+        out: dict[str, Any] = {"label": self.labels[best], "score": float(probs[best]), "truncated": bool(truncated)}
+        if return_all_scores:
+            out["scores"] = {label: float(p) for label, p in zip(self.labels, probs)}
+        return out
+
+    def classify(self, texts: Sequence[str], return_all_scores: bool = False) -> list[dict[str, Any]]:
+        """Per text: ``{"label", "score", "truncated"}`` (+ ``"scores"`` for every label)."""
+        if not texts:
+            return []
+        b = self.run_batch(texts)
+        return [self.format(p, t, return_all_scores) for p, t in zip(b.probs, b.truncated)]
+
+    # --- readiness -------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One inference on a short and a long text; the runtime is ready after it."""
+        self.run_batch(["warm-up", "warm-up " * self.max_length])
+        self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()

@@ -1,0 +1,282 @@
+"""The BentoML service: one class, the model loaded once per worker, adaptive batching.
+
+Routes:
+    POST /classify   ``{"texts": [...], "return_all_scores": false}`` -> ``{"results": [...]}``;
+                     validates each request (4xx JSON errors), then feeds its texts to the
+                     batchable endpoint in chunks of at most ``max_batch_size``.
+    POST /batch      the batchable endpoint: BentoML's adaptive batcher merges the texts of
+                     concurrent requests into one list; returns probabilities per text.
+    GET  /info       model, labels, variant, provider, max_length, batch invariance, parity.
+    GET  /livez, /readyz (ready only after a warm-up inference), /metrics (BentoML's
+                     Prometheus metrics plus texts, tokens and padded tokens per batch).
+
+Why /classify is not itself the batchable endpoint: a batchable method only sees merged
+batches, so per-request caps and errors must be checked before batching.
+
+Why a large request is fed in sequential chunks: BentoML's dispatcher splits a request
+bigger than max_batch_size and keeps the remainder queued with its original arrival
+time; while the first part runs, the remainder's wait passes max_latency_ms and it is
+cancelled with 503 "process is overloaded", even on an idle server. A chunk of at most
+max_batch_size is never split, and the next chunk is queued only when the previous one
+is answered, so on an idle server it waits for nothing. Under real overload a chunk
+still waits in a long queue and is refused with 503, as it should be.
+
+Configured through ``FERRY_*`` environment variables (serve/settings.py), set by
+`ferry serve`; without ``FERRY_ARTIFACT`` the model comes from the BentoML model store
+(``FERRY_MODEL_TAG``), so a Bento built with bentofile.yaml carries it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from http import HTTPStatus
+from typing import Annotated, Any, Awaitable, Callable
+
+import bentoml
+from annotated_types import Len, MaxLen
+from bentoml.exceptions import ServiceUnavailable
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ferry.errors import FerryError
+from serve.runtime import Runtime, check_startup, resolve_device
+from serve.settings import ServeSettings
+
+log = logging.getLogger("bentoml.ferry")  # BentoML configures the "bentoml" logger in its workers
+
+SETTINGS = ServeSettings.from_env()
+DEVICE = resolve_device(SETTINGS.device)
+MAX_BATCH_SIZE, MAX_LATENCY_MS = SETTINGS.batching(DEVICE)
+MAX_BODY_BYTES = SETTINGS.max_texts * SETTINGS.max_chars * 6 + 65536  # \uXXXX escapes take 6 bytes a char
+KEYS = ("texts", "return_all_scores")
+
+_metrics: dict[str, Any] = {}
+_batch_infer: Callable[..., Awaitable[Any]] | None = None
+
+
+def metrics() -> dict[str, Any]:
+    """Per-batch histograms, created in the worker (after BentoML sets up multiprocess metrics)."""
+    if not _metrics:
+        from prometheus_client import Histogram
+
+        sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+        tokens = [2**k for k in range(4, 18)]
+        _metrics["texts"] = Histogram("ferry_batch_texts", "Texts per model batch", buckets=sizes)
+        _metrics["tokens"] = Histogram("ferry_batch_tokens", "Real tokens per model batch", buckets=tokens)
+        _metrics["padded"] = Histogram(
+            "ferry_batch_padded_tokens", "Tokens run per model batch, padding included", buckets=tokens
+        )
+    return _metrics
+
+
+class RequestError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def error(status: HTTPStatus, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": int(status)}, status_code=int(status))
+
+
+def parse_request(body: bytes) -> tuple[list[str], bool]:
+    """The texts and return_all_scores of a /classify body; RequestError names what is wrong."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({e}); send {{\"texts\": [\"...\"]}}") from None
+    if not isinstance(data, dict):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body must be a JSON object like {{\"texts\": [...]}}, got {type(data).__name__}")
+    unknown = [k for k in data if k not in KEYS]
+    if "texts" not in data:
+        got = f" (got: {', '.join(map(str, unknown))})" if unknown else ""
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"'texts' is missing{got}; send {{\"texts\": [\"...\"]}}")
+    if unknown:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown key '{unknown[0]}'; keys are: {', '.join(KEYS)}")
+    texts = data["texts"]
+    if not isinstance(texts, list):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"'texts' must be a list of strings, got {_kind(texts)}")
+    if not texts:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "'texts' is empty; send at least one text")
+    if len(texts) > SETTINGS.max_texts:
+        raise RequestError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"'texts' has {len(texts)} items, more than the limit of {SETTINGS.max_texts} per request; split it",
+        )
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{i}] must be a string, got {_kind(text)}")
+        if len(text) > SETTINGS.max_chars:
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"texts[{i}] has {len(text)} characters, more than the limit of {SETTINGS.max_chars}",
+            )
+    return_all = data.get("return_all_scores", False)
+    if not isinstance(return_all, bool):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"'return_all_scores' must be true or false, got {_kind(return_all)}")
+    return texts, return_all
+
+
+def _kind(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def batcher(request: Request) -> Callable[[list[str]], Awaitable[list[dict[str, Any]]]]:
+    """The batchable endpoint's adaptive batcher, called in process.
+
+    BentoML's own way to call an endpoint from inside the service (``self.to_async``)
+    goes through an aiohttp session that BentoML closes and replaces every 100 requests,
+    failing the requests still in flight on it; and it serializes every call to JSON. So
+    /classify feeds the same dispatcher that serves POST /batch (one queue, one batching
+    policy, BentoML's adaptive-batch-size metric included), found through the app's router.
+    """
+    global _batch_infer
+    if _batch_infer is None:
+        for route in getattr(request.scope.get("router"), "routes", []):
+            factory = getattr(getattr(getattr(route, "endpoint", None), "func", None), "__self__", None)
+            if getattr(route, "name", None) == "batch" and hasattr(factory, "batch_infer"):
+                _batch_infer = functools.partial(factory.batch_infer, "batch")
+                break
+        else:
+            raise RuntimeError("BentoML's batch endpoint was not found in the app's routes; is bentoml < 1.5?")
+    infer = _batch_infer
+    return lambda texts: infer((texts,), {})
+
+
+async def in_chunks(run: Callable[[list[str]], Awaitable[list[Any]]], texts: list[str], size: int) -> list[Any]:
+    """``run`` over chunks of at most ``size`` texts, each queued only once the previous one is answered.
+
+    A chunk never exceeds the dispatcher's max_batch_size, so it is never split and left
+    queued with a stale arrival time (the cause of 503s on an idle server, see above).
+    """
+    out: list[Any] = []
+    for start in range(0, len(texts), size):
+        out.extend(await run(texts[start : start + size]))
+    return out
+
+
+async def classify(request: Request) -> JSONResponse:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        return error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes is over the limit of {MAX_BODY_BYTES}")
+    try:
+        texts, return_all = parse_request(await request.body())
+    except RequestError as e:
+        return error(e.status, str(e))
+    try:
+        raw = await in_chunks(batcher(request), texts, MAX_BATCH_SIZE)
+    except ServiceUnavailable:
+        return error(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            f"server overloaded: the request would wait more than max_latency_ms={MAX_LATENCY_MS}; retry later",
+        )
+    rt = bentoml.get_current_service().runtime
+    results = [rt.format(r["probs"], r["truncated"], return_all) for r in raw]
+    return JSONResponse({"results": results})
+
+
+async def info(request: Request) -> JSONResponse:
+    svc = bentoml.get_current_service()
+    body = svc.runtime.info()
+    body["model"]["store_tag"] = svc.model_tag
+    body["serving"] = {
+        "max_batch_size": MAX_BATCH_SIZE,
+        "max_latency_ms": MAX_LATENCY_MS,
+        "max_texts": SETTINGS.max_texts,
+        "max_chars": SETTINGS.max_chars,
+        "workers": SETTINGS.workers,
+    }
+    return JSONResponse(body)
+
+
+def model_path() -> tuple[str, str | None]:
+    """(artifact directory, model store tag or None)."""
+    if SETTINGS.artifact:
+        return SETTINGS.artifact, None
+    try:
+        model = bentoml.models.get(SETTINGS.model_tag)
+    except bentoml.exceptions.NotFound:
+        raise FerryError(
+            f"model {SETTINGS.model_tag} is not in the BentoML model store; register it with ferry store ARTIFACT"
+        ) from None
+    return model.path, str(model.tag)
+
+
+routes = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route("/info", info, methods=["GET"])])
+
+
+@bentoml.service(
+    name="ferry",
+    workers=SETTINGS.workers,
+    traffic={"timeout": SETTINGS.timeout_s},
+    labels={"project": "ferry"},
+)
+@bentoml.asgi_app(routes, path="/")
+class Ferry:
+    if not SETTINGS.artifact:
+        # Referenced through the model store so that `bentoml build` packs it into the Bento.
+        model = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+    @bentoml.on_deployment
+    def check_model() -> None:
+        """Runs once in the server process before any worker: a bad model stops the server here."""
+        try:
+            v = check_startup(model_path()[0], SETTINGS.variant, SETTINGS.device)
+        except FerryError as e:
+            print(f"ferry: refusing to start: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        log.info("model check passed: variant '%s', sha256 %s matches the manifest", v.name, str(v.info.get("sha256"))[:12])
+
+    def __init__(self) -> None:
+        path, self.model_tag = model_path()
+        try:
+            self.runtime = Runtime(
+                path,
+                variant=SETTINGS.variant,
+                device=SETTINGS.device,
+                threads=SETTINGS.threads,
+                optimization=SETTINGS.optimization,
+                max_group=MAX_BATCH_SIZE,
+            )
+        except FerryError as e:
+            # A worker that cannot load its model stops the server instead of being respawned forever.
+            log.error("refusing to start: %s", e)
+            os.kill(os.getppid(), signal.SIGTERM)
+            os._exit(2)
+        for note in self.runtime.notes:
+            log.warning(note)
+        log.info(self.runtime.describe())
+        log.info("adaptive batching: max_batch_size=%d texts, max_latency_ms=%d", MAX_BATCH_SIZE, MAX_LATENCY_MS)
+        # Warm up off the event loop: /livez answers at once, /readyz only after it.
+        threading.Thread(target=self._warm_up, name="ferry-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        try:
+            self.runtime.warm_up()
+            log.info("warm-up inference done; ready")
+        except Exception:  # a model that cannot run a warm-up is not ready, and says why
+            log.exception("warm-up inference failed; /readyz stays 503")
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.ready
+
+    @bentoml.api(route="/batch", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def batch(
+        self, texts: Annotated[list[Annotated[str, MaxLen(SETTINGS.max_chars)]], Len(1, MAX_BATCH_SIZE)]
+    ) -> list[dict[str, Any]]:
+        """Probabilities per text for a merged batch (texts of concurrent requests)."""
+        b = self.runtime.run_batch(texts)
+        m = metrics()
+        m["texts"].observe(len(texts))
+        m["tokens"].observe(sum(b.tokens))
+        m["padded"].observe(b.padded_tokens)
+        return [{"probs": p.tolist(), "truncated": t} for p, t in zip(b.probs, b.truncated)]

@@ -1,0 +1,81 @@
+"""Server settings, passed from `ferry serve` to the BentoML service through environment variables.
+
+The service module reads them when BentoML imports it (in the server process and in
+every worker), so the same variables configure a Bento at ``bentoml serve`` or
+``docker run -e`` time. Defaults depend on the device: a CPU batch is small and slow, a
+GPU batch large and fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from ferry.errors import ConfigError
+
+PREFIX = "FERRY_"
+DEFAULT_MODEL = "ferry-classifier"
+DEFAULT_TAG = f"{DEFAULT_MODEL}:latest"
+# BentoML's dispatcher (max_batch_size is counted in texts) and the refusal budget.
+DEVICE_DEFAULTS = {
+    "cpu": {"max_batch_size": 32, "max_latency_ms": 10_000},
+    "cuda": {"max_batch_size": 128, "max_latency_ms": 2_000},
+}
+
+
+@dataclasses.dataclass
+class ServeSettings:
+    """What the service needs to start; every field maps to ``FERRY_<FIELD>``."""
+
+    artifact: str | None = None  # an artifact directory; None: the model store tag below
+    model_tag: str = DEFAULT_TAG  # the BentoML model store tag (`ferry store` registers one)
+    variant: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    optimization: str = "all"
+    workers: int = 1
+    max_batch_size: int | None = None  # None: the device's default
+    max_latency_ms: int | None = None
+    max_texts: int = 256
+    max_chars: int = 50_000
+    timeout_s: int = 120
+
+    def to_env(self) -> dict[str, str]:
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                env[PREFIX + f.name.upper()] = str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServeSettings":
+        """Read ``FERRY_*`` variables; an invalid value raises ConfigError naming it."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems = []
+        for f in dataclasses.fields(cls):
+            raw = environ.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            if f.name in ("artifact", "model_tag", "variant", "device", "optimization"):
+                values[f.name] = raw
+                continue
+            try:
+                number = int(raw)
+            except ValueError:
+                problems.append(f"{PREFIX}{f.name.upper()}={raw!r} must be an integer")
+                continue
+            if number < 1 and f.name != "threads" or number < 0:
+                problems.append(f"{PREFIX}{f.name.upper()}={raw!r} must be >= 1")
+                continue
+            values[f.name] = number
+        if problems:
+            raise ConfigError(problems)
+        return cls(**values)
+
+    def batching(self, device: str) -> tuple[int, int]:
+        """(max_batch_size, max_latency_ms) for a resolved device ("cpu" or "cuda")."""
+        d = DEVICE_DEFAULTS["cuda" if device == "cuda" else "cpu"]
+        return (self.max_batch_size or d["max_batch_size"], self.max_latency_ms or d["max_latency_ms"])

@@ -1,0 +1,241 @@
+"""The serving runtime without a server: grouping, batch invariance, integrity, the CUDA path (faked), no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from export.session import CPU, CUDA, create_session
+from ferry.errors import ArtifactError, ConfigError, FerryError
+from ferry.files import sha256_file
+from serve import runtime as rt_module
+from serve.runtime import Runtime, length_groups, resolve_device
+from serve.settings import ServeSettings
+from tests.serve.conftest import ROOT
+
+TEXTS = [
+    "pizza",
+    "the match team goal player score win league coach game " * 8,  # truncated at max_length
+    "",
+    "computer software chip phone internet code data network cloud robot app",
+    "soup and bread",
+    "the coach was very good today",
+]
+
+
+def test_length_groups_pad_each_group_to_its_own_longest_text():
+    assert length_groups([5, 50, 6, 48, 7]) == [[0, 2, 4], [3, 1]]
+    assert length_groups([5, 50, 6, 48, 7], max_group=2) == [[0, 2], [4], [3, 1]]
+    assert length_groups([]) == []
+    assert sorted(i for g in length_groups([3, 9, 1, 40, 2, 2, 17]) for i in g) == list(range(7))
+
+
+def test_batched_answers_equal_answers_alone_in_input_order(served_artifact):
+    rt = Runtime(served_artifact, variant="fp32", device="cpu")
+    batch = rt.run_batch(TEXTS)
+    assert batch.runs > 1  # grouped by length, not padded all to the longest
+    assert batch.padded_tokens < max(batch.tokens) * len(TEXTS)
+    for i, text in enumerate(TEXTS):
+        alone = rt.run_batch([text])
+        assert np.abs(alone.probs[0] - batch.probs[i]).max() <= 1e-6, text
+    assert batch.truncated == [False, True, False, False, False, False]
+    assert batch.tokens[1] == rt.max_length and batch.tokens[2] == 2  # [CLS] [SEP] for the empty text
+    out = rt.classify(TEXTS, return_all_scores=True)
+    assert [o["label"] for o in out] == [rt.labels[int(np.argmax(p))] for p in batch.probs]
+    assert all(abs(sum(o["scores"].values()) - 1) < 1e-9 for o in out)
+    assert rt.classify(["soup"])[0].keys() == {"label", "score", "truncated"}
+
+
+def test_a_batch_dependent_variant_runs_one_text_per_call(served_artifact):
+    """Dynamic int8 scales activations per batch; served one text per call, it answers as alone."""
+    manifest = json.loads((served_artifact / "ferry.json").read_text())
+    assert manifest["variants"]["int8"]["batch_invariant"] is False
+    rt = Runtime(served_artifact, variant="int8", device="cpu")
+    assert rt.one_per_run and rt.info()["batch_invariance"] == "one text per inference call"
+    batch = rt.run_batch(TEXTS)
+    assert batch.runs == len(TEXTS)
+    for i, text in enumerate(TEXTS):
+        assert np.array_equal(rt.run_batch([text]).probs[0], batch.probs[i])
+
+
+def copy_artifact(src, dst, **manifest_changes):
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "ferry.json").read_text())
+    for key, value in manifest_changes.items():
+        m[key] = value
+    (dst / "ferry.json").write_text(json.dumps(m))
+    return dst, m
+
+
+def test_a_modified_model_file_is_refused(served_artifact, tmp_path):
+    art, _ = copy_artifact(served_artifact, tmp_path / "a")
+    with open(art / "model_int8_static.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match=r"model_int8_static.onnx: sha256 .* does not match the manifest"):
+        Runtime(art, variant="int8-static", device="cpu")
+    Runtime(art, variant="fp32", device="cpu")  # the other files are intact
+
+
+def test_a_variant_that_failed_parity_is_not_served(served_artifact, tmp_path):
+    art, m = copy_artifact(served_artifact, tmp_path / "a")
+    m["variants"]["int8"]["status"] = "fail"
+    (art / "ferry.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="variant 'int8' failed its parity gate"):
+        Runtime(art, variant="int8", device="cpu")
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(served_artifact, tmp_path):
+    art, _ = copy_artifact(served_artifact, tmp_path / "a")
+    config = json.loads((art / "config.json").read_text())
+    config["vocab_size"] = 100
+    (art / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="vocab_size is 100"):
+        Runtime(art, variant="fp32", device="cpu")
+
+
+# --- the CUDA path, with ONNX Runtime's provider list and session faked -------------------------
+def test_device_resolution():
+    assert resolve_device("auto", [CUDA, CPU], gpu_present=True) == "cuda"
+    assert resolve_device("auto", [CUDA, CPU], gpu_present=False) == "cpu"  # onnxruntime-gpu on a machine without GPU
+    assert resolve_device("auto", [CPU]) == "cpu"
+    assert resolve_device("cpu", [CUDA, CPU], gpu_present=True) == "cpu"
+    assert resolve_device("cuda", [CUDA, CPU]) == "cuda"
+    with pytest.raises(FerryError, match="--device cuda"):
+        resolve_device("cuda", [CPU])
+
+
+class DeviceValue:
+    def __init__(self, array):
+        self.array, self.device = array, "cuda"
+
+
+class FakeBinding:
+    def __init__(self, session):
+        self.session, self.inputs, self.outputs, self.ran = session, {}, {}, False
+
+    def bind_ortvalue_input(self, name, value):
+        assert isinstance(value, DeviceValue), "inputs must be bound as device OrtValues"
+        self.inputs[name] = value
+
+    def bind_output(self, name, device_type="cpu", device_id=0):
+        self.outputs[name] = device_type
+
+    def copy_outputs_to_cpu(self):
+        assert self.ran
+        feed = {k: v.array for k, v in self.inputs.items()}
+        return self.session.cpu.run(list(self.outputs), feed)
+
+
+class FakeCudaSession:
+    """Reports the CUDA provider and answers through IO binding, computing on a real CPU session."""
+
+    log: list = []
+
+    def __init__(self, path, providers):
+        self.path, self.providers = path, providers
+        self.cpu = create_session(path, device="cpu")
+        self.bindings = []
+        FakeCudaSession.log.append(self)
+
+    def get_providers(self):
+        return self.providers
+
+    def get_inputs(self):
+        return self.cpu.get_inputs()
+
+    def get_outputs(self):
+        return self.cpu.get_outputs()
+
+    def io_binding(self):
+        self.bindings.append(FakeBinding(self))
+        return self.bindings[-1]
+
+    def run_with_iobinding(self, binding):
+        binding.ran = True
+
+    def run(self, *a, **k):
+        raise AssertionError("on CUDA the runtime must use IO binding, not session.run")
+
+
+def fake_factory(active):
+    def factory(path, device, threads, optimization, available):
+        return FakeCudaSession(path, [active, CPU] if device == "cuda" else [CPU])
+
+    return factory
+
+
+@pytest.fixture
+def gpu_artifact(served_artifact, tmp_path):
+    """The artifact with an fp16 variant declared as the GPU default (the fp32 graph stands in for it)."""
+    art, m = copy_artifact(served_artifact, tmp_path / "gpu")
+    shutil.copy(art / "model.onnx", art / "model_fp16.onnx")
+    m["variants"]["fp16"] = {**m["variants"]["fp32"], "file": "model_fp16.onnx", "precision": "fp16",
+                             "sha256": sha256_file(art / "model_fp16.onnx"), "batch_invariant": True}
+    m["default_variant"] = {**m["default_variant"], "gpu": "fp16"}
+    (art / "ferry.json").write_text(json.dumps(m))
+    return art
+
+
+def test_cuda_serves_the_fp16_default_through_io_binding(gpu_artifact, monkeypatch):
+    monkeypatch.setattr(rt_module, "_device_value", lambda array, device_id=0: DeviceValue(array))
+    rt = Runtime(gpu_artifact, available=[CUDA, CPU], gpu_present=True, session_factory=fake_factory(CUDA))
+    assert (rt.device, rt.provider, rt.variant.name, rt.io_binding) == ("cuda", CUDA, "fp16", True)
+    assert rt.info()["provider"] == CUDA and rt.info()["variant"] == "fp16"
+    got = rt.run_batch(TEXTS)
+    binding = rt.session.bindings[-1]
+    assert set(binding.inputs) == {i.name for i in rt.session.get_inputs()}
+    assert binding.outputs == {"logits": "cuda"}
+    cpu = Runtime(gpu_artifact, variant="fp32", device="cpu")
+    assert np.abs(cpu.run_batch(TEXTS).probs - got.probs).max() <= 1e-6
+
+
+def test_cuda_listed_but_unusable_falls_back_to_the_cpu_variant(gpu_artifact):
+    rt = Runtime(gpu_artifact, available=[CUDA, CPU], gpu_present=True, session_factory=fake_factory(CPU))
+    manifest = json.loads((gpu_artifact / "ferry.json").read_text())
+    assert (rt.device, rt.provider, rt.io_binding) == ("cpu", CPU, False)
+    assert rt.variant.name == manifest["default_variant"]["cpu"]
+    assert "fell back" in rt.describe() and rt.info()["fallback"]
+    with pytest.raises(FerryError, match="could not use the GPU"):
+        Runtime(gpu_artifact, device="cuda", available=[CUDA, CPU], session_factory=fake_factory(CPU))
+
+
+def test_cpu_default_is_the_artifacts_batch_invariant_cpu_variant(gpu_artifact):
+    rt = Runtime(gpu_artifact, available=[CUDA, CPU], gpu_present=False)
+    manifest = json.loads((gpu_artifact / "ferry.json").read_text())
+    assert rt.device == "cpu" and rt.variant.name == manifest["default_variant"]["cpu"]
+    assert rt.batch_invariant_variant is True
+
+
+# --- settings --------------------------------------------------------------------------------
+def test_settings_round_trip_and_errors():
+    s = ServeSettings(artifact="/a", variant="int8", threads=2, max_batch_size=16, max_texts=10)
+    assert ServeSettings.from_env(s.to_env()) == s
+    assert ServeSettings().batching("cpu") == (32, 10_000) and ServeSettings().batching("cuda") == (128, 2_000)
+    with pytest.raises(ConfigError, match="FERRY_MAX_TEXTS='many' must be an integer"):
+        ServeSettings.from_env({"FERRY_MAX_TEXTS": "many"})
+    with pytest.raises(ConfigError, match="FERRY_WORKERS='0' must be >= 1"):
+        ServeSettings.from_env({"FERRY_WORKERS": "0"})
+
+
+# --- no PyTorch on the serving path ------------------------------------------------------------
+def test_the_serving_path_imports_no_torch(served_artifact):
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "sys.modules['transformers'] = None\n"
+        "from serve.runtime import Runtime\n"
+        "rt = Runtime(sys.argv[1], device='cpu')\n"
+        "assert rt.classify(['pizza'])[0]['label']\n"
+        "import serve.service, serve.cli, serve.loadbench\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "FERRY_ARTIFACT": str(served_artifact), "BENTOML_DO_NOT_TRACK": "True"}
+    p = subprocess.run([sys.executable, "-c", code, str(served_artifact)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().endswith("ok")
