@@ -22,6 +22,12 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU and driver are visible. ``onnxruntime-gpu`` lists the CUDA
+    provider even on machines without one, and then fails (noisily) when asked for it."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+
+
 def choose_providers(device: str = "auto", available: Sequence[str] | None = None) -> list[str]:
     """The provider list for ``device``: "cpu", "cuda" or "auto" (CUDA when ONNX Runtime has it).
 

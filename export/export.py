@@ -1,0 +1,407 @@
+"""`ferry export`: a checkpoint becomes an artifact directory of ONNX variants, with a parity gate.
+
+Steps, in order (each prints one line):
+
+1. check the checkpoint (model type, weights, tokenizer) before any work;
+2. export to ONNX with optimum's exporter (dynamic batch and sequence axes, the
+   architecture's own inputs, external data above 2 GB);
+3. optimize the graph with ONNX Runtime's transformer fusions through optimum's
+   ORTOptimizer (O1-O3 for the CPU variants; the fp16 variant gets O4's GPU fusions);
+4. make the variants (see :mod:`export.quantize`);
+5. run the parity gate on every variant (see :mod:`export.parity`), measure batch
+   invariance, choose the default variant for CPU and for GPU;
+6. write ``ferry.json`` last and publish the directory atomically.
+
+A variant that fails its gate is written and recorded as "fail" (never served), so the
+failure can be inspected; when fp32 fails the export exits with status 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from export import quantize
+from export.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES
+from export.parity import GateArgs, PRECISION, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
+from ferry.config import opt, positive, to_dict
+from ferry.errors import CheckpointError, ConfigError, DataError, FerryError
+from ferry.files import MANIFEST, atomic_dir, library_versions, now_iso, sha256_file, write_json
+
+TASK = "text-classification"
+CPU_LEVELS = ("O0", "O1", "O2", "O3")
+# The default CPU variant must be batch-invariant: these, in order, when they pass.
+CPU_DEFAULT_ORDER = ("int8-static", "fp32")
+VERSIONS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime", "numpy")
+
+
+@dataclasses.dataclass
+class ExportArgs(GateArgs):
+    """Options of `ferry export`."""
+
+    checkpoint: str | None = opt(None, "checkpoint directory written by ferry finetune (or any HF sequence-classification directory)", positional=True)
+    output: str | None = opt(None, "artifact directory to write", short="-o")
+    overwrite: bool = opt(False, "replace an existing --output")
+    variants: list[str] = opt(["fp32", "int8"], "variants to write; fp32 is always one", choices=tuple(VARIANT_FILES))
+    opset: int | None = opt(None, "ONNX opset (default: optimum's for the architecture)", check=positive)
+    optimization: str = opt("O2", "ONNX Runtime graph optimization of the CPU variants: O0 none, O1 basic, O2 transformer fusions, O3 O2 with approximate GELU", choices=CPU_LEVELS)
+    int8_isa: str = opt("auto", "instruction set the int8 variants are tuned for (auto: this CPU's)", choices=("auto", *quantize.ISAS))
+    calibration: str | None = opt(None, "texts to calibrate int8-static on (default: the checkpoint's calibration.jsonl)")
+    calibration_samples: int = opt(256, "calibration texts used by int8-static", check=positive)
+    calibration_method: str = opt("minmax", "how int8-static sets activation ranges", choices=("minmax", "percentile", "entropy"))
+    text_column: str = opt("text", "text column of --calibration and --data")
+    label_column: str = opt("label", "label column of --data")
+    data: str | None = opt(None, "labelled data for the parity gate (default: the checkpoint's heldout.jsonl)")
+    cpu_default: str | None = opt(None, "force the default CPU variant (e.g. int8, which is not batch-invariant)", choices=tuple(VARIANT_FILES))
+
+
+def quiet_libraries() -> None:
+    """Silence the exporters' warnings and info logs: ferry reports what matters itself."""
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "optimum", "onnxruntime", "torch.onnx", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def supported_model_types() -> list[str]:
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    return sorted(TasksManager.get_supported_model_type_for_task(TASK, exporter="onnx"))
+
+
+def fusable_model_types() -> set[str]:
+    from optimum.onnxruntime.utils import ORTConfigManager
+
+    return set(ORTConfigManager._conf)
+
+
+def check_model_type(ckpt: Any) -> None:
+    supported = supported_model_types()
+    if ckpt.model_type not in supported:
+        raise CheckpointError(
+            f"{ckpt.path}: model type '{ckpt.model_type}' is not supported by the ONNX exporter for {TASK}; "
+            f"supported: {', '.join(supported)}"
+        )
+
+
+def check_tokenizer(ckpt: Any, tokenizer: Any) -> None:
+    """Refuse a tokenizer that produces ids the model's embedding matrix does not have."""
+    vocab = ckpt.config.get("vocab_size")
+    size = len(tokenizer)
+    if vocab is not None and size > int(vocab):
+        raise CheckpointError(
+            f"{ckpt.path}: the tokenizer has {size} tokens but the model's embedding matrix has {vocab} rows; "
+            "the tokenizer does not belong to this model: save the model's own tokenizer beside it"
+        )
+
+
+def check_writable(output: Path) -> None:
+    """An unwritable --output fails before any work, with the reason."""
+    parent = output.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{output.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FerryError(f"--output {output}: cannot write in {parent} ({e.strerror or e}); choose a writable directory") from None
+
+
+def calibration_texts(args: ExportArgs, ckpt: Any) -> list[str]:
+    from export.inputs import read_jsonl_texts, read_texts
+
+    if args.calibration:
+        texts = read_texts(args.calibration, args.text_column, "--calibration")
+    elif ckpt.calibration is not None:
+        texts, _ = read_jsonl_texts(ckpt.calibration)
+    elif ckpt.heldout is not None:
+        raise DataError(
+            f"{ckpt.path}: no calibration.jsonl for int8-static (the held-out split is not used: it measures accuracy); "
+            "pass --calibration FILE with training texts"
+        )
+    else:
+        raise DataError(f"{ckpt.path}: no calibration.jsonl for int8-static; pass --calibration FILE with training texts")
+    return texts[: args.calibration_samples]
+
+
+def _step(args: ExportArgs, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def onnx_export(ckpt: Any, work: Path, opset: int | None) -> Path:
+    """optimum's exporter on the checkpoint directory: ``work/model.onnx`` and its config."""
+    from optimum.exporters.onnx import main_export
+
+    try:
+        main_export(
+            str(ckpt.path), work, task=TASK, opset=opset, do_validation=False, library_name="transformers",
+            framework="pt", local_files_only=True,
+        )
+    except Exception as e:  # the exporter raises many types for an architecture it cannot trace
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FerryError(f"{ckpt.path}: the ONNX export failed ({type(e).__name__}: {text[:300]})") from None
+    return work / "model.onnx"
+
+
+def optimize(raw_dir: Path, out_dir: Path, level: str, model_type: str, for_gpu: bool = False) -> dict[str, Any]:
+    """ORT transformer fusions through optimum's ORTOptimizer; fp16 (O4) keeps fp32 inputs and outputs."""
+    from optimum.onnxruntime import AutoOptimizationConfig, OptimizationConfig, ORTOptimizer
+
+    if level == "O0" or model_type not in fusable_model_types():
+        if level == "O4":
+            # No fusions for this architecture: a plain fp16 conversion.
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+            import onnx
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            model = onnx.load(str(raw_dir / "model.onnx"))
+            onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out_dir / "model.onnx"))
+            return {"level": "fp16 conversion", "fusions": False}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(raw_dir / "model.onnx", out_dir / "model.onnx")
+        ext = quantize.external_data_file(raw_dir / "model.onnx")
+        if ext:
+            shutil.copy(ext, out_dir / ext.name)
+        reason = "none requested" if level == "O0" else f"ONNX Runtime has no fusions for {model_type}"
+        return {"level": "O0", "fusions": False, "note": reason}
+    from export.session import gpu_present
+
+    optimizer = ORTOptimizer.from_pretrained(raw_dir, file_names=["model.onnx"])
+    # Shape inference cannot see through every exported op; the exporter disables it too
+    # (and a failed symbolic inference would leave a temp file in the working directory).
+    extra: dict[str, Any] = {"disable_shape_inference": True}
+    note = None
+    if level == "O4" and not gpu_present():
+        # O4's ONNX Runtime pass (level 2) optimizes inside a CUDA session; without a GPU
+        # ORT falls back to CPU and could leave CPU-only fused kernels in a GPU model.
+        # Level 1 (basic, provider-independent) is safe; the transformer fusions (Python,
+        # GPU-aware) and the fp16 conversion are O4's.
+        extra["optimization_level"] = 1
+        note = "no GPU at export: ONNX Runtime's offline pass ran at level 1; the fusions and fp16 conversion are O4's"
+    if "optimization_level" in extra:
+        settings = {**AutoOptimizationConfig._LEVELS[level], **extra}
+        config = OptimizationConfig(optimize_for_gpu=True, **settings)
+    else:
+        config = AutoOptimizationConfig.with_optimization_level(level, for_gpu=for_gpu, **extra)
+    import onnxruntime
+
+    if note:  # ORT logs the CUDA provider it cannot load here as an error; that is expected
+        onnxruntime.set_default_logger_severity(4)
+    try:
+        optimizer.optimize(config, out_dir, file_suffix="")
+    finally:
+        onnxruntime.set_default_logger_severity(3)
+    info: dict[str, Any] = {"level": level, "fusions": level != "O1", "for_gpu": for_gpu or level == "O4"}
+    if note:
+        info["note"] = note
+    return info
+
+
+def place(src: Path, dst: Path) -> dict[str, Any]:
+    """Move a model file (and its external data, renamed to ``<dst>_data``) into the artifact."""
+    ext = quantize.external_data_file(src)
+    if ext is None:
+        shutil.move(src, dst)
+        return {}
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=True)
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + "_data", size_threshold=1024)
+    data = dst.with_name(dst.name + "_data")
+    return {"external_data": {"file": data.name, "sha256": sha256_file(data), "bytes": data.stat().st_size}}
+
+
+def graph_info(path: Path) -> tuple[int, list[str], list[str]]:
+    """(opset, input names, output names) of an ONNX file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return int(opset), [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+
+
+def choose_defaults(variants: dict[str, dict[str, Any]], forced_cpu: str | None) -> dict[str, str | None]:
+    """The default variant for CPU (batch-invariant and passing) and for GPU (fp16 unless it failed)."""
+    cpu = None
+    if forced_cpu:
+        cpu = forced_cpu
+    else:
+        for name in CPU_DEFAULT_ORDER:
+            info = variants.get(name)
+            if info and info["status"] == PASS and info.get("batch_invariant"):
+                cpu = name
+                break
+    gpu = None
+    if "fp16" in variants and variants["fp16"]["status"] != FAIL:
+        gpu = "fp16"
+    elif variants.get("fp32", {}).get("status") == PASS:
+        gpu = "fp32"
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def export(args: ExportArgs) -> int:
+    """Export ``args.checkpoint`` to an artifact directory; returns 1 when fp32 fails its gate."""
+    from finetune.checkpoint import check_valid_checkpoint_dir, load_model, load_tokenizer
+
+    started = time.perf_counter()
+    problems = []
+    if not args.output:
+        problems.append("--output is required (the artifact directory to write)")
+    variants = list(dict.fromkeys(args.variants))
+    if "fp32" not in variants:
+        problems.append("--variants must include fp32: it is the reference every other variant is made from")
+    if args.cpu_default and args.cpu_default not in variants:
+        problems.append(f"--cpu-default {args.cpu_default} is not among --variants ({', '.join(variants)})")
+    if args.cpu_default == "fp16":
+        problems.append("--cpu-default fp16: fp16 runs on CUDA only")
+    if problems:
+        raise ConfigError(problems)
+    output = Path(args.output)  # type: ignore[arg-type]
+
+    # 1. Check everything before any work.
+    ckpt = check_valid_checkpoint_dir(args.checkpoint)
+    check_model_type(ckpt)
+    quiet_libraries()
+    tokenizer = load_tokenizer(ckpt.path)
+    check_tokenizer(ckpt, tokenizer)
+    model = load_model(ckpt)
+    model.eval()
+    labels = ckpt.labels or [str(i) for i in range(int(model.config.num_labels))]
+    max_length = usable_length(model.config, ckpt.max_length if ckpt.manifest else min(512, tokenizer.model_max_length or 512))
+    calib = calibration_texts(args, ckpt) if "int8-static" in variants else []
+    labelled = load_labelled_data(labels, ckpt.heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)
+    isa = quantize.detect_isa() if args.int8_isa == "auto" else args.int8_isa
+    check_writable(output)
+
+    with atomic_dir(output, args.overwrite, [ckpt.path]) as staging:
+        work = staging / ".work"
+        # 2. ONNX export.
+        t = time.perf_counter()
+        _step(args, f"[1/4] exporting {ckpt.path} ({ckpt.model_type}) to ONNX")
+        raw = onnx_export(ckpt, work / "raw", args.opset)
+        opset, inputs, outputs = graph_info(raw)
+        timings = {"export_s": time.perf_counter() - t}
+
+        # 3. Graph optimization.
+        t = time.perf_counter()
+        _step(args, f"[2/4] optimizing the graph ({args.optimization})")
+        opt_info = optimize(work / "raw", work / "opt", args.optimization, ckpt.model_type)
+        entries: dict[str, dict[str, Any]] = {}
+        fp32 = staging / VARIANT_FILES["fp32"]
+        extra = place(work / "opt" / "model.onnx", fp32)
+        entries["fp32"] = {"optimization": opt_info, **extra}
+        timings["optimize_s"] = time.perf_counter() - t
+
+        # 4. Variants.
+        t = time.perf_counter()
+        _step(args, f"[3/4] making variants: {', '.join(variants)} (int8 for {isa})")
+        if "int8" in variants:
+            dst = staging / VARIANT_FILES["int8"]
+            entries["int8"] = {"optimization": opt_info, "quantization": quantize.quantize_dynamic_int8(fp32, work / "int8.onnx", isa)}
+            entries["int8"].update(place(work / "int8.onnx", dst))
+        if "int8-static" in variants:
+            from export.inputs import collate, encode
+
+            ids = encode(tokenizer, calib, max_length)
+            feeds = [collate([x], tokenizer.pad_token_id or 0, inputs) for x in ids]
+            dst = staging / VARIANT_FILES["int8-static"]
+            q = quantize.quantize_static_int8(fp32, work / "int8s.onnx", feeds, isa, args.calibration_method)
+            q["calibration"]["source"] = str(args.calibration or ckpt.calibration)
+            entries["int8-static"] = {"optimization": opt_info, "quantization": q, **place(work / "int8s.onnx", dst)}
+        if "fp16" in variants:
+            fp16_info = optimize(work / "raw", work / "fp16", "O4", ckpt.model_type, for_gpu=True)
+            entries["fp16"] = {"optimization": fp16_info, **place(work / "fp16" / "model.onnx", staging / VARIANT_FILES["fp16"])}
+        timings["variants_s"] = time.perf_counter() - t
+
+        shutil.copy(work / "raw" / "config.json", staging / "config.json")
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(work)
+
+        # 5. Parity.
+        t = time.perf_counter()
+        _step(args, "[4/4] parity with PyTorch" + (f" on {labelled.source} ({len(labelled.texts)} texts)" if labelled else " (no labelled data)"))
+        order = [v for v in VARIANT_FILES if v in variants]
+        paths = {name: staging / VARIANT_FILES[name] for name in order}
+        results = run_parity(paths, model, tokenizer, labels, labelled, max_length, inputs, args)
+        timings["parity_s"] = time.perf_counter() - t
+
+        manifest_variants: dict[str, dict[str, Any]] = {}
+        for name in order:
+            path = paths[name]
+            res = results[name]
+            inv = res.get("batch_invariance")
+            manifest_variants[name] = {
+                "file": path.name,
+                "sha256": sha256_file(path),
+                "bytes": quantize.model_bytes(path),
+                "precision": PRECISION[name],
+                "provider": "CUDAExecutionProvider" if name == "fp16" else "CPUExecutionProvider",
+                "batch_invariant": None if inv is None else bool(inv["invariant"]),
+                "status": res["status"],
+                "graph_ops": quantize.op_counts(path),
+                **entries[name],
+                "parity": res,
+            }
+        if args.cpu_default and manifest_variants[args.cpu_default]["status"] == FAIL:
+            print(f"warning: --cpu-default {args.cpu_default} failed its parity gate; no CPU default recorded", file=sys.stderr)
+        defaults = choose_defaults(manifest_variants, args.cpu_default if args.cpu_default and manifest_variants[args.cpu_default]["status"] != FAIL else None)
+        manifest = {
+            "stage": STAGE,
+            "source": {
+                "checkpoint": str(ckpt.path.resolve()),
+                "manifest_sha256": ckpt.manifest_sha256,
+                "model_type": ckpt.model_type,
+            },
+            "task": TASK,
+            "labels": labels,
+            "max_length": max_length,
+            "opset": opset,
+            "inputs": inputs,
+            "outputs": outputs,
+            "variants": manifest_variants,
+            "default_variant": defaults,
+            "default_variant_rule": {
+                "cpu": "forced by --cpu-default" if args.cpu_default else "first passing, batch-invariant variant among " + ", ".join(CPU_DEFAULT_ORDER),
+                "gpu": "fp16 unless it failed, else fp32",
+            },
+            "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads},
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "versions": library_versions(*VERSIONS),
+            "created": now_iso(),
+        }
+        write_json(staging / MANIFEST, manifest)
+
+    print(parity_table(manifest_variants, pytorch_accuracy(manifest_variants)))
+    print(f"default variant: cpu={defaults['cpu']} gpu={defaults['gpu']}")
+    for name, info in manifest_variants.items():
+        if info["status"] != PASS:
+            print(f"  {name}: {info['status']} ({info['parity'].get('reason', '')})")
+    print(f"wrote {output} in {time.perf_counter() - started:.1f}s")
+    if manifest_variants["fp32"]["status"] == FAIL:
+        print(
+            f"ferry export: error: fp32 failed the parity gate ({manifest_variants['fp32']['parity'].get('reason')}); "
+            f"{output} records the failure and has no servable fp32",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

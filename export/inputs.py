@@ -1,0 +1,129 @@
+"""Model inputs shared by parity and the offline bench: tokenized texts and random tokens.
+
+Everything is numpy (int64), so the very same arrays feed PyTorch and ONNX Runtime.
+Batches are right-padded, as the tokenizers of the supported encoders pad.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ferry.errors import DataError
+from ferry.files import resolve
+
+
+def pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``, special tokens included, no padding."""
+    return [list(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+
+
+def collate(ids: Sequence[Sequence[int]], pad: int, input_names: Sequence[str], length: int | None = None) -> dict[str, np.ndarray]:
+    """Right-pad ``ids`` to the longest (or ``length``) and build the inputs ``input_names`` asks for."""
+    width = length or max(len(x) for x in ids)
+    input_ids = np.full((len(ids), width), pad, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = x
+        mask[i, : len(x)] = 1
+    feeds = {"input_ids": input_ids, "attention_mask": mask}
+    if "token_type_ids" in input_names:
+        feeds["token_type_ids"] = np.zeros_like(input_ids)
+    if "position_ids" in input_names:
+        feeds["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
+    return {k: v for k, v in feeds.items() if k in input_names}
+
+
+def random_ids(tokenizer: Any, vocab_size: int, batch: int, seq: int, rng: np.random.Generator, full: bool = False) -> list[list[int]]:
+    """``batch`` random token sequences of at most ``seq`` tokens, framed by the tokenizer's own
+    special tokens; real lengths vary inside the batch (the first row is always ``seq`` long,
+    so the batch is ``seq`` wide) unless ``full``, when every row is ``seq`` long.
+    """
+    special = set(tokenizer.all_special_ids)
+    usable = max(1, min(vocab_size, len(tokenizer)))
+    marker = next(i for i in range(usable + len(special) + 1) if i not in special)
+    framed = tokenizer.build_inputs_with_special_tokens([marker])  # [CLS] x [SEP], <s> x </s>, ...
+    at = framed.index(marker)
+    head, tail = framed[:at], framed[at + 1 :]
+    out = []
+    for row in range(batch):
+        length = seq if full or row == 0 else int(rng.integers(max(len(head) + len(tail) + 1, seq // 4), seq + 1))
+        n = max(1, length - len(head) - len(tail))
+        body = rng.integers(0, usable, size=n)
+        # Special tokens inside a text would change what the model sees (e.g. a pad id in
+        # the middle of RoBERTa's positions); draw again where one was hit.
+        for i in range(n):
+            while int(body[i]) in special:
+                body[i] = rng.integers(0, usable)
+        out.append([*head, *map(int, body), *tail][:seq])
+    return out
+
+
+def read_texts(path: str, text_column: str = "text", flag: str = "--texts") -> list[str]:
+    """Texts without labels: a .txt file (one per line), or the text column of .csv/.tsv/.jsonl/.parquet."""
+    p = resolve(path)
+    if not p.is_file():
+        raise DataError(f"{flag} {path}: file not found")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(p)
+            except Exception as e:  # pyarrow raises many types for a damaged file
+                raise DataError(f"{flag} {path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+            if text_column not in table.column_names:
+                raise DataError(f"--text-column '{text_column}' not in {p.name}; columns are: {', '.join(table.column_names)}")
+            texts = table.column(text_column).to_pylist()
+        else:
+            raw = p.read_text(encoding="utf-8-sig")
+            if suffix == ".jsonl":
+                texts = []
+                for n, line in enumerate(raw.splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
+                    if not isinstance(row, dict) or text_column not in row:
+                        raise DataError(f"--text-column '{text_column}' not in {p.name} line {n}")
+                    texts.append(row[text_column])
+            elif suffix in (".csv", ".tsv"):
+                reader = csv.DictReader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+                if text_column not in (reader.fieldnames or []):
+                    cols = ", ".join(reader.fieldnames or [])
+                    raise DataError(f"--text-column '{text_column}' not in {p.name}; columns are: {cols}")
+                texts = [row[text_column] for row in reader]
+            else:
+                texts = raw.splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{flag} {path}: byte 0x{e.object[e.start]:02x} at offset {e.start} is not UTF-8; re-encode the file as UTF-8") from None
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise DataError(f"{flag} {path}: no texts in the file")
+    return texts
+
+
+def read_jsonl_texts(path: Path) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a checkpoint's heldout.jsonl or calibration.jsonl."""
+    texts, labels = [], []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            texts.append(str(row["text"]))
+            labels.append(str(row.get("label", "")))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}: line {n} is not a {{\"text\", \"label\"}} JSON object; re-run ferry finetune") from None
+    return texts, labels

@@ -1,0 +1,521 @@
+"""`ferry parity`: does each ONNX variant compute what the PyTorch model computes?
+
+For every variant, PyTorch (fp32, eval mode) and ONNX Runtime see the very same arrays:
+
+1. random tokens at several batch sizes and sequence lengths, right-padded with varied
+   real lengths inside a batch, and
+2. the checkpoint's held-out split (or ``--data FILE``).
+
+Checked like optimum's ``validate_model_outputs``: the output names, then the shapes,
+then the values (max and mean |Δlogit|), and further: label agreement with PyTorch,
+accuracy and macro-F1 of both, and batch invariance (each text alone versus inside mixed
+batches). Gates, all configurable:
+
+- fp32: max |Δlogit| <= 1e-4;
+- fp16: max |Δlogit| <= 1e-2, on CUDA only; without CUDA the variant is "unverified";
+- int8, int8-static: label agreement >= 99% and accuracy drop <= 1.0 point on labelled
+  data; without labelled data they are "unverified" (no logit tolerance means anything
+  for int8).
+
+A failing variant is recorded as "fail" and is never served. ``ferry export`` runs the
+same :func:`run_parity`; ``ferry parity`` re-checks an existing artifact and exits 1
+when a checked variant fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from export.artifact import FAIL, PASS, UNVERIFIED, check_valid_artifact_dir
+from export.inputs import collate, encode, pad_id, random_ids, read_jsonl_texts
+from ferry.config import non_negative, opt, positive
+from ferry.errors import ArtifactError, CheckpointError, DataError, FerryError
+
+PRECISION = {"fp32": "fp32", "int8": "int8", "int8-static": "int8", "fp16": "fp16"}
+HELDOUT_BATCH = 32
+INVARIANCE_TEXTS = 32
+
+
+def _unit_interval(value: Any) -> str | None:
+    return None if value is None or 0 <= value <= 1 else "must be in [0, 1]"
+
+
+@dataclasses.dataclass
+class GateArgs:
+    """Parity gates and inputs, shared by `ferry export` and `ferry parity`."""
+
+    fp32_max_diff: float = opt(1e-4, "fp32 gate: largest allowed max |logit difference| to PyTorch", check=non_negative)
+    fp16_max_diff: float = opt(1e-2, "fp16 gate (CUDA only): largest allowed max |logit difference|", check=non_negative)
+    int8_min_agreement: float = opt(0.99, "int8 gates: least fraction of labels equal to PyTorch's", check=_unit_interval)
+    int8_max_drop: float = opt(1.0, "int8 gates: largest accuracy drop from PyTorch, in points", check=non_negative)
+    invariance_tol: float = opt(1e-5, "batch-invariant when no label flips and max |probability difference| <= this", check=non_negative)
+    parity_batch_sizes: list[int] = opt([1, 4, 16], "batch sizes of the random-token inputs", check=lambda v: None if all(x > 0 for x in v) else "must be > 0")
+    parity_seq_lengths: list[int] = opt([8, 32, 128], "sequence lengths of the random-token inputs (capped at the model's)", check=lambda v: None if all(x > 1 for x in v) else "must be > 1")
+    parity_max_examples: int = opt(2000, "held-out examples compared at most (0: all)", check=non_negative)
+    threads: int | None = opt(None, "CPU threads for PyTorch and ONNX Runtime (default: the physical cores)", check=positive)
+    seed: int = opt(0, "seed of the random-token inputs")
+    quiet: bool = opt(False, "no progress bars")
+
+
+@dataclasses.dataclass
+class ParityArgs(GateArgs):
+    """Options of `ferry parity`."""
+
+    artifact: str | None = opt(None, "artifact directory written by ferry export", positional=True)
+    checkpoint: str | None = opt(None, "the PyTorch checkpoint to compare with (default: the artifact's source)")
+    data: str | None = opt(None, "labelled data to compare on (default: the checkpoint's heldout.jsonl)")
+    text_column: str = opt("text", "text column of --data")
+    label_column: str = opt("label", "label column of --data")
+    variants: list[str] = opt([], "variants to check (default: all in the artifact)")
+    device: str = opt("auto", "where ONNX Runtime runs: fp16 needs cuda", choices=("auto", "cpu", "cuda"))
+    report: str | None = opt(None, "also write the results to this JSON file")
+
+
+@dataclasses.dataclass
+class Labelled:
+    """Texts with label ids, and where they came from."""
+
+    texts: list[str]
+    label_ids: list[int]
+    source: str
+
+
+# ---------------------------------------------------------------- running the models
+
+
+def default_threads() -> int:
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
+    except ImportError:  # pragma: no cover - psutil ships with the export extra
+        import os
+
+        return os.cpu_count() or 1
+
+
+def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    return out.logits.float().numpy()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+class OutputMismatch(Exception):
+    """The ONNX model's outputs are not named or shaped like PyTorch's."""
+
+
+def ort_logits(session: Any, feeds: dict[str, np.ndarray], num_labels: int) -> np.ndarray:
+    """Run ``session``; check the output name, then the shape (validate_model_outputs' order)."""
+    names = [o.name for o in session.get_outputs()]
+    if "logits" not in names:
+        raise OutputMismatch(f"outputs are {names}, expected 'logits'")
+    wanted = [i.name for i in session.get_inputs()]
+    missing = [n for n in wanted if n not in feeds]
+    if missing:
+        raise OutputMismatch(f"the model wants inputs {missing} that the tokenizer does not produce")
+    (logits,) = session.run(["logits"], {n: feeds[n] for n in wanted})
+    batch = next(iter(feeds.values())).shape[0]
+    if logits.shape != (batch, num_labels):
+        raise OutputMismatch(f"logits shape {tuple(logits.shape)}, PyTorch's is {(batch, num_labels)}")
+    return np.asarray(logits, dtype=np.float32)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def usable_length(config: dict[str, Any] | Any, wanted: int) -> int:
+    """``wanted`` capped at the positions the model has (RoBERTa-style models lose two)."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    positions = get("max_position_embeddings") or get("n_positions") or wanted
+    if get("model_type") in ("roberta", "xlm-roberta", "camembert", "data2vec-text", "longformer", "ibert"):
+        positions -= (get("pad_token_id") or 1) + 1
+    return max(2, min(int(wanted), int(positions)))
+
+
+def random_cases(
+    tokenizer: Any, vocab_size: int, batch_sizes: Sequence[int], seq_lengths: Sequence[int], max_length: int,
+    input_names: Sequence[str], seed: int,
+) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for s in sorted({min(int(s), max_length) for s in seq_lengths}):
+        for b in batch_sizes:
+            ids = random_ids(tokenizer, vocab_size, int(b), s, rng)
+            cases.append(collate(ids, pad_id(tokenizer), input_names))
+    return cases
+
+
+def text_batches(
+    tokenizer: Any, texts: Sequence[str], max_length: int, input_names: Sequence[str], batch_size: int = HELDOUT_BATCH
+) -> tuple[list[dict[str, np.ndarray]], list[list[int]]]:
+    """Length-sorted right-padded batches of ``texts`` and the text indices of each batch."""
+    ids = encode(tokenizer, texts, max_length)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    index = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [collate([ids[i] for i in ix], pad_id(tokenizer), input_names) for ix in index], index
+
+
+def load_labelled_data(
+    labels: Sequence[str], heldout: Path | None, data: str | None, text_column: str, label_column: str, max_examples: int
+) -> Labelled | None:
+    """The labelled texts parity measures accuracy on: ``--data`` or the checkpoint's held-out split."""
+    if data:
+        from finetune.data import load_labelled
+
+        ex = load_labelled(data, text_column, label_column, decode_errors="replace", flag="--data", quiet=True)
+        texts, names, source = ex.texts, ex.labels, str(data)
+    elif heldout is not None:
+        texts, names = read_jsonl_texts(heldout)
+        source = str(heldout)
+    else:
+        return None
+    known = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({y for y in names if y not in known})
+    if unknown:
+        raise DataError(f"{source}: label '{unknown[0]}' is not one of the model's labels ({', '.join(labels)})")
+    if max_examples and len(texts) > max_examples:
+        texts, names = texts[:max_examples], names[:max_examples]
+    if not texts:
+        return None
+    return Labelled(list(texts), [known[y] for y in names], source)
+
+
+# ---------------------------------------------------------------- the reference and the checks
+
+
+@dataclasses.dataclass
+class Reference:
+    """PyTorch's logits on every parity input, computed once for all variants."""
+
+    cases: list[dict[str, np.ndarray]]
+    case_logits: list[np.ndarray]
+    batches: list[dict[str, np.ndarray]]
+    batch_index: list[list[int]]
+    labelled: Labelled | None
+    logits: np.ndarray | None  # held-out logits in text order
+    invariance_texts: list[list[int]]  # token ids of the texts used for batch invariance
+    num_labels: int
+    labels: list[str]
+    pad: int
+    input_names: list[str]
+
+
+def build_reference(
+    model: Any, tokenizer: Any, labels: Sequence[str], labelled: Labelled | None, max_length: int,
+    input_names: Sequence[str], args: GateArgs, progress: Callable[[Any, str], Any] | None = None,
+) -> Reference:
+    vocab = int(getattr(model.config, "vocab_size", len(tokenizer)))
+    cases = random_cases(tokenizer, vocab, args.parity_batch_sizes, args.parity_seq_lengths, max_length, input_names, args.seed)
+    wrap = progress or (lambda it, desc: it)
+    case_logits = [torch_logits(model, c) for c in wrap(cases, "PyTorch, random tokens")]
+    batches, index, logits = [], [], None
+    if labelled is not None:
+        batches, index = text_batches(tokenizer, labelled.texts, max_length, input_names)
+        logits = np.zeros((len(labelled.texts), len(labels)), dtype=np.float32)
+        for feeds, ix in zip(wrap(batches, "PyTorch, held-out"), index):
+            logits[ix] = torch_logits(model, feeds)
+        inv_ids = encode(tokenizer, labelled.texts[:INVARIANCE_TEXTS], max_length)
+    else:
+        rng = np.random.default_rng(args.seed + 1)
+        inv_ids = random_ids(tokenizer, vocab, INVARIANCE_TEXTS, min(64, max_length), rng)
+    return Reference(
+        cases, case_logits, batches, index, labelled, logits, inv_ids, len(labels), list(labels), pad_id(tokenizer),
+        list(input_names),
+    )
+
+
+def batch_invariance(run: Callable[[dict[str, np.ndarray]], np.ndarray], ref: Reference, tol: float, seed: int) -> dict[str, Any]:
+    """Each text alone, then inside mixed batches (shuffled, padded to the longest of the batch).
+
+    Invariant when no label flips and max |Δprobability| <= ``tol``.
+    """
+    ids = ref.invariance_texts
+    alone = np.concatenate([softmax(run(collate([x], ref.pad, ref.input_names))) for x in ids])
+    rng = np.random.default_rng(seed)
+    worst, flips, compared = 0.0, 0, 0
+    for size in (8, len(ids)):
+        order = rng.permutation(len(ids))
+        for start in range(0, len(ids), size):
+            ix = order[start : start + size]
+            probs = softmax(run(collate([ids[i] for i in ix], ref.pad, ref.input_names)))
+            worst = max(worst, float(np.abs(probs - alone[ix]).max()))
+            flips += int((probs.argmax(-1) != alone[ix].argmax(-1)).sum())
+            compared += len(ix)
+    flip_rate = flips / compared if compared else 0.0
+    return {
+        "texts": len(ids),
+        "batch_sizes": [1, 8, len(ids)],
+        "max_abs_prob_diff": worst,
+        "flip_rate": flip_rate,
+        "tolerance": tol,
+        "invariant": flips == 0 and worst <= tol,
+    }
+
+
+def gates_for(precision: str, args: GateArgs) -> dict[str, float]:
+    if precision == "fp32":
+        return {"max_abs_diff": args.fp32_max_diff}
+    if precision == "fp16":
+        return {"max_abs_diff": args.fp16_max_diff}
+    return {"min_agreement": args.int8_min_agreement, "max_accuracy_drop_points": args.int8_max_drop}
+
+
+def judge(precision: str, result: dict[str, Any], gates: dict[str, float]) -> tuple[str, str]:
+    """(status, reason) from the measured values and the gates."""
+    if precision in ("fp32", "fp16"):
+        worst = result["max_abs_diff"]
+        if worst <= gates["max_abs_diff"]:
+            return PASS, f"max |Δlogit| {worst:.2e} <= {gates['max_abs_diff']:g}"
+        return FAIL, f"max |Δlogit| {worst:.2e} > {gates['max_abs_diff']:g}"
+    held = result.get("heldout")
+    if not held:
+        return UNVERIFIED, "no labelled data to judge int8 by; pass --data FILE"
+    problems = []
+    if held["agreement"] < gates["min_agreement"]:
+        problems.append(f"label agreement {held['agreement']:.2%} < {gates['min_agreement']:.2%}")
+    drop = -held["delta_accuracy_points"]
+    if drop > gates["max_accuracy_drop_points"]:
+        problems.append(f"accuracy drop {drop:.2f} points > {gates['max_accuracy_drop_points']:g}")
+    if problems:
+        return FAIL, "; ".join(problems)
+    return PASS, f"agreement {held['agreement']:.2%}, accuracy Δ {held['delta_accuracy_points']:+.2f} points"
+
+
+def check_variant(
+    name: str, path: Path, ref: Reference, args: GateArgs, device: str = "auto", available: Sequence[str] | None = None,
+    progress: Callable[[Any, str], Any] | None = None,
+) -> dict[str, Any]:
+    """Parity of one variant's ONNX file against the reference; returns its parity block."""
+    from export.session import CUDA, active_provider, available_providers, create_session, gpu_present
+
+    precision = PRECISION.get(name, "fp32")
+    gates = gates_for(precision, args)
+    result: dict[str, Any] = {"gates": gates}
+    available_is_real = available is None  # a list passed in fakes the providers (tests)
+    available = available_providers() if available is None else list(available)
+    if precision == "fp16":
+        if CUDA not in available or device == "cpu" or (available_is_real and not gpu_present()):
+            result.update(status=UNVERIFIED, reason=f"fp16 is checked on {CUDA}, and no GPU is usable here", provider=None)
+            result["batch_invariance"] = None
+            return result
+        session = create_session(path, "cuda", args.threads, available=available)
+        if active_provider(session) != CUDA:
+            result.update(status=UNVERIFIED, reason="ONNX Runtime fell back to CPU: no usable GPU", provider=active_provider(session))
+            result["batch_invariance"] = None
+            return result
+    else:
+        session = create_session(path, "cpu", args.threads or default_threads(), available=available)
+    result["provider"] = active_provider(session)
+    run = lambda feeds: ort_logits(session, feeds, ref.num_labels)  # noqa: E731
+    wrap = progress or (lambda it, desc: it)
+    try:
+        diffs, agree, total = [], 0, 0
+        for feeds, want in zip(wrap(ref.cases, f"{name}, random tokens"), ref.case_logits):
+            got = run(feeds)
+            diffs.append(np.abs(got - want))
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+            total += len(want)
+        rand = np.concatenate([d.ravel() for d in diffs])
+        result["checks"] = {"output_names": "ok", "shapes": "ok"}
+        result["random"] = {
+            "cases": [list(c["input_ids"].shape) for c in ref.cases],
+            "max_abs_diff": float(rand.max()),
+            "mean_abs_diff": float(rand.mean()),
+            "agreement": agree / total,
+        }
+        worst, mean_parts = float(rand.max()), [rand]
+        if ref.labelled is not None and ref.logits is not None:
+            got = np.zeros_like(ref.logits)
+            for feeds, ix in zip(wrap(ref.batches, f"{name}, held-out"), ref.batch_index):
+                got[ix] = run(feeds)
+            result["heldout"] = heldout_metrics(ref, got)
+            diff = np.abs(got - ref.logits)
+            worst = max(worst, float(diff.max()))
+            mean_parts.append(diff.ravel())
+        result["max_abs_diff"] = worst
+        result["mean_abs_diff"] = float(np.concatenate(mean_parts).mean())
+        result["batch_invariance"] = batch_invariance(run, ref, args.invariance_tol, args.seed)
+    except OutputMismatch as e:
+        result.update(status=FAIL, reason=str(e), checks={"outputs": str(e)}, batch_invariance=None)
+        return result
+    except Exception as e:  # ONNX Runtime raises its own types when a kernel fails on this model
+        result.update(status=FAIL, reason=f"ONNX Runtime failed: {_first_line(e)}", batch_invariance=None)
+        return result
+    result["status"], result["reason"] = judge(precision, result, gates)
+    return result
+
+
+def heldout_metrics(ref: Reference, got: np.ndarray) -> dict[str, Any]:
+    from finetune.metrics import classification_report
+
+    assert ref.labelled is not None and ref.logits is not None
+    y = ref.labelled.label_ids
+    want_pred, got_pred = ref.logits.argmax(-1), got.argmax(-1)
+    pt = classification_report(y, want_pred.tolist(), ref.labels)
+    ox = classification_report(y, got_pred.tolist(), ref.labels)
+    diff = np.abs(got - ref.logits)
+    return {
+        "source": ref.labelled.source,
+        "examples": len(y),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "agreement": float((want_pred == got_pred).mean()),
+        "pytorch": {"accuracy": pt["accuracy"], "macro_f1": pt["macro_f1"]},
+        "onnx": {"accuracy": ox["accuracy"], "macro_f1": ox["macro_f1"]},
+        "delta_accuracy_points": 100 * (ox["accuracy"] - pt["accuracy"]),
+        "delta_macro_f1_points": 100 * (ox["macro_f1"] - pt["macro_f1"]),
+    }
+
+
+def run_parity(
+    variants: dict[str, Path], model: Any, tokenizer: Any, labels: Sequence[str], labelled: Labelled | None,
+    max_length: int, input_names: Sequence[str], args: GateArgs, device: str = "auto",
+    available: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The parity block of each variant (``{name: path}``), PyTorch computed once."""
+    import torch
+
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    model.eval()
+    progress = None if args.quiet else _progress
+    ref = build_reference(model, tokenizer, labels, labelled, max_length, input_names, args, progress)
+    return {name: check_variant(name, path, ref, args, device, available, progress) for name, path in variants.items()}
+
+
+def _progress(items: Any, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    return tqdm(items, desc=f"parity: {desc}", unit="batch", leave=False, file=sys.stderr, disable=len(items) < 4)
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _fmt(value: Any, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def parity_rows(variants: dict[str, dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for name, info in variants.items():
+        parity = info.get("parity") or {}
+        held = parity.get("heldout") or {}
+        inv = parity.get("batch_invariance") or {}
+        rows.append([
+            name,
+            info.get("precision", PRECISION.get(name, "")),
+            _fmt(info.get("bytes") and info["bytes"] / 1e6, ".1f"),
+            _fmt(held.get("onnx", {}).get("accuracy"), ".4f"),
+            _fmt(held.get("delta_accuracy_points"), "+.2f"),
+            _fmt(held.get("agreement"), ".2%"),
+            _fmt(parity.get("max_abs_diff"), ".1e"),
+            "-" if not inv else ("yes" if inv.get("invariant") else f"no ({inv.get('max_abs_prob_diff', 0):.0e})"),
+            str(info.get("status", parity.get("status", UNVERIFIED))),
+        ])
+    return rows
+
+
+PARITY_HEADERS = ["variant", "precision", "MB", "accuracy", "Δacc pts", "agreement", "max|Δlogit|", "batch-invariant", "status"]
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def parity_table(variants: dict[str, dict[str, Any]], pytorch_accuracy: float | None = None) -> str:
+    head = f"PyTorch accuracy {pytorch_accuracy:.4f}\n" if pytorch_accuracy is not None else ""
+    return head + text_table(PARITY_HEADERS, parity_rows(variants))
+
+
+def pytorch_accuracy(variants: dict[str, dict[str, Any]]) -> float | None:
+    for info in variants.values():
+        held = (info.get("parity") or {}).get("heldout")
+        if held:
+            return held["pytorch"]["accuracy"]
+    return None
+
+
+# ---------------------------------------------------------------- `ferry parity`
+
+
+def load_source(checkpoint: str | Path, flag: str) -> tuple[Any, Any, Any]:
+    """(Checkpoint, PyTorch model in eval mode, tokenizer) of a checkpoint directory."""
+    from finetune.checkpoint import check_valid_checkpoint_dir, load_model, load_tokenizer
+
+    ckpt = check_valid_checkpoint_dir(checkpoint, flag)
+    model = load_model(ckpt)
+    model.eval()
+    tokenizer = load_tokenizer(ckpt.path)
+    return ckpt, model, tokenizer
+
+
+def parity(args: ParityArgs) -> int:
+    """Re-check an artifact's variants against the PyTorch checkpoint they came from."""
+    from export.export import quiet_libraries
+    from ferry.files import write_json
+
+    artifact = check_valid_artifact_dir(args.artifact)
+    names = args.variants or list(artifact.variants)
+    unknown = [n for n in names if n not in artifact.variants]
+    if unknown:
+        raise FerryError(f"--variants '{unknown[0]}' not in {artifact.path}; variants are: {', '.join(artifact.variants)}")
+    for name in names:
+        artifact.variants[name].verify()
+    source = args.checkpoint or (artifact.manifest.get("source") or {}).get("checkpoint")
+    if not source:
+        raise FerryError(f"{artifact.path}: the manifest names no source checkpoint; pass --checkpoint DIR")
+    if not Path(source).is_dir():
+        raise CheckpointError(f"source checkpoint {source} of {artifact.path} not found; pass --checkpoint DIR")
+    quiet_libraries()
+    ckpt, model, tokenizer = load_source(source, "--checkpoint" if args.checkpoint else "source checkpoint")
+    if ckpt.labels and ckpt.labels != artifact.labels:
+        raise CheckpointError(f"{ckpt.path}: labels {ckpt.labels} differ from the artifact's {artifact.labels}; pass the checkpoint it was exported from")
+    labelled = load_labelled_data(artifact.labels, ckpt.heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)
+    paths = {n: artifact.variants[n].path for n in names}
+    results = run_parity(paths, model, tokenizer, artifact.labels, labelled, artifact.max_length, artifact.manifest["inputs"], args, args.device)
+    shown = {}
+    for name, res in results.items():
+        info = dict(artifact.variants[name].info)
+        shown[name] = {**info, "status": res["status"], "parity": res}
+    print(parity_table(shown, pytorch_accuracy(shown)))
+    for name, res in results.items():
+        print(f"  {name}: {res['status']} ({res.get('reason', '')})")
+    if args.report:
+        out = Path(args.report)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json(out, {"artifact": str(artifact.path), "checkpoint": str(ckpt.path), "variants": results})
+        except OSError as e:
+            raise FerryError(f"--report {args.report}: cannot write ({e.strerror})") from None
+    failed = [n for n, r in results.items() if r["status"] == FAIL]
+    if failed:
+        print(f"ferry parity: error: {', '.join(failed)} failed the parity gate", file=sys.stderr)
+        return 1
+    return 0
