@@ -49,7 +49,8 @@ def _all_positive(values: list[int]) -> str | None:
 class BenchArgs:
     """Options of `ferry bench` (offline)."""
 
-    artifact: str | None = opt(None, "artifact directory written by ferry export", positional=True)
+    # "" rather than None: the positional is optional with --compare (parse requires a None one)
+    artifact: str = opt("", "artifact directory written by ferry export", positional=True)
     output: str | None = opt(None, "report directory (default: <artifact>-bench beside the artifact)", short="-o")
     overwrite: bool = opt(False, "replace an existing --output")
     variants: list[str] = opt([], "ONNX variants to run (default: all in the artifact)")

@@ -117,6 +117,9 @@ def check_tokenizer(ckpt: Any, tokenizer: Any) -> None:
 def check_writable(output: Path) -> None:
     """An unwritable --output fails before any work, with the reason."""
     parent = output.resolve().parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise FerryError(f"--output {output}: {blocker} is a file, not a directory; choose another --output")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         probe = parent / f".{output.name}.probe"
