@@ -134,7 +134,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.HelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; flags override it")
     hints = typing.get_type_hints(cls)
@@ -154,9 +154,10 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = f.name.upper() if typing.get_origin(base) is not list else "A,B,..."
-        # ArgumentDefaultsHelpFormatter reads .default; show the real default, parse with SUPPRESS.
-        action = parser.add_argument(*names, dest=f.name, **kwargs)
-        action.help = f"{help_text} (default: {_show(default)})"
+        # Parse with SUPPRESS (to tell flags from config keys), but show the real default.
+        if "default" not in help_text:
+            kwargs["help"] = f"{help_text} (default: {_show(default)})"
+        parser.add_argument(*names, dest=f.name, **kwargs)
     return parser
 
 
