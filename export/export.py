@@ -166,8 +166,13 @@ def onnx_export(ckpt: Any, work: Path, opset: int | None) -> Path:
     return work / "model.onnx"
 
 
-def optimize(raw_dir: Path, out_dir: Path, level: str, model_type: str, for_gpu: bool = False) -> dict[str, Any]:
-    """ORT transformer fusions through optimum's ORTOptimizer; fp16 (O4) keeps fp32 inputs and outputs."""
+def optimize(raw_dir: Path, out_dir: Path, level: str, model_type: str, for_gpu: bool = False, split_qkv: bool = False) -> dict[str, Any]:
+    """ORT transformer fusions through optimum's ORTOptimizer; fp16 (O4) keeps fp32 inputs and outputs.
+
+    ``split_qkv`` fuses attention as MultiHeadAttention with the Q, K and V projections
+    left as MatMuls (static quantization can then quantize them; it cannot enter the
+    packed Attention op).
+    """
     from optimum.onnxruntime import AutoOptimizationConfig, OptimizationConfig, ORTOptimizer
 
     if level == "O0" or model_type not in fusable_model_types():
@@ -193,6 +198,8 @@ def optimize(raw_dir: Path, out_dir: Path, level: str, model_type: str, for_gpu:
     # Shape inference cannot see through every exported op; the exporter disables it too
     # (and a failed symbolic inference would leave a temp file in the working directory).
     extra: dict[str, Any] = {"disable_shape_inference": True}
+    if split_qkv:
+        extra["use_multi_head_attention"] = True
     note = None
     if level == "O4" and not gpu_present():
         # O4's ONNX Runtime pass (level 2) optimizes inside a CUDA session; without a GPU
@@ -215,6 +222,8 @@ def optimize(raw_dir: Path, out_dir: Path, level: str, model_type: str, for_gpu:
     finally:
         onnxruntime.set_default_logger_severity(3)
     info: dict[str, Any] = {"level": level, "fusions": level != "O1", "for_gpu": for_gpu or level == "O4"}
+    if split_qkv:
+        info["attention"] = "MultiHeadAttention, Q/K/V projections as MatMul"
     if note:
         info["note"] = note
     return info
@@ -328,9 +337,13 @@ def export(args: ExportArgs) -> int:
             ids = encode(tokenizer, calib, max_length)
             feeds = [collate([x], tokenizer.pad_token_id or 0, inputs) for x in ids]
             dst = staging / VARIANT_FILES["int8-static"]
-            q = quantize.quantize_static_int8(fp32, work / "int8s.onnx", feeds, isa, args.calibration_method)
+            base, static_opt = fp32, opt_info
+            if args.optimization in ("O2", "O3") and ckpt.model_type in fusable_model_types():
+                static_opt = optimize(work / "raw", work / "opt-mha", args.optimization, ckpt.model_type, split_qkv=True)
+                base = work / "opt-mha" / "model.onnx"
+            q = quantize.quantize_static_int8(base, work / "int8s.onnx", feeds, isa, args.calibration_method)
             q["calibration"]["source"] = str(args.calibration or ckpt.calibration)
-            entries["int8-static"] = {"optimization": opt_info, "quantization": q, **place(work / "int8s.onnx", dst)}
+            entries["int8-static"] = {"optimization": static_opt, "quantization": q, **place(work / "int8s.onnx", dst)}
         if "fp16" in variants:
             fp16_info = optimize(work / "raw", work / "fp16", "O4", ckpt.model_type, for_gpu=True)
             entries["fp16"] = {"optimization": fp16_info, **place(work / "fp16" / "model.onnx", staging / VARIANT_FILES["fp16"])}

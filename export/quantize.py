@@ -206,5 +206,5 @@ def quantize_static_int8(
         **params,
         "calibration": {"method": method, "samples": len(feeds), **({"percentile": percentile} if method == "percentile" else {})},
         "quantized_nodes": len(linear),
-        "fp32_kept": "LayerNorm, GELU, Softmax inputs, attention core, classifier head",
+        "fp32_kept": "LayerNorm, GELU, Softmax inputs, the attention core, the pooler and classifier head",
     }

@@ -38,17 +38,24 @@ def test_dynamic_int8_quantizes_the_linear_layers(bert_artifact):
 
 
 def test_static_int8_quantizes_activations_and_keeps_sensitive_ops_fp32(bert_artifact):
-    """Every linear MatMul gets a calibrated QuantizeLinear on its input (a model with only
-    weight DequantizeLinear would be weight-only int8: slow and not what was asked)."""
+    """Every linear MatMul, Q/K/V projections included, gets a calibrated QuantizeLinear on its
+    input (a model with only weight DequantizeLinear would be weight-only int8: slow and not
+    what was asked)."""
     fp32 = ops(bert_artifact / "model.onnx")
     static = ops(bert_artifact / "model_int8_static.onnx")
-    assert static["MatMul"] == fp32["MatMul"] == 6
-    assert static["QuantizeLinear"] == 6  # one per MatMul input activation
-    assert static["DequantizeLinear"] == 12  # activation and weight of each
-    # LayerNorm, GELU and attention (with its Softmax) stay fused fp32 ops; no DynamicQuantize
-    for op in ("SkipLayerNormalization", "BiasGelu", "Attention"):
+    # 2 layers x (Q, K, V, attention output, FFN in, FFN out); fp32 packs Q, K, V into Attention
+    assert fp32["MatMul"] == 6 and fp32["Attention"] == 2
+    assert static["MatMul"] == 12 and static["MultiHeadAttention"] == 2
+    # one QuantizeLinear per distinct MatMul input (Q, K and V share theirs), a DequantizeLinear for each
+    assert static["QuantizeLinear"] == 8
+    assert static["DequantizeLinear"] == 12 + 8
+    # LayerNorm, GELU and the attention core (with its Softmax) stay fused fp32 ops
+    for op in ("SkipLayerNormalization", "BiasGelu"):
         assert static[op] == fp32[op]
-    assert "DynamicQuantizeLinear" not in static
+    assert "DynamicQuantizeLinear" not in static and "Softmax" not in static
+    info = __import__("json").loads((bert_artifact / "ferry.json").read_text())["variants"]["int8-static"]
+    assert info["quantization"]["quantized_nodes"] == 12
+    assert "MultiHeadAttention" in info["optimization"]["attention"]
 
 
 def test_static_int8_runs_integer_kernels(bert_artifact, tmp_path):
@@ -61,7 +68,7 @@ def test_static_int8_runs_integer_kernels(bert_artifact, tmp_path):
     so.log_severity_level = 3
     ort.InferenceSession(str(bert_artifact / "model_int8_static.onnx"), so, providers=["CPUExecutionProvider"])
     loaded = Counter(n.op_type for n in onnx.load(str(tmp_path / "as-loaded.onnx")).graph.node)
-    assert loaded["MatMulIntegerToFloat"] == 6
+    assert loaded["MatMulIntegerToFloat"] == 12
     assert loaded.get("MatMul", 0) == 0 and loaded.get("MatMulNBits", 0) == 0
 
 
