@@ -2,8 +2,9 @@
 
 Routes:
     POST /classify   ``{"texts": [...], "return_all_scores": false}`` -> ``{"results": [...]}``;
-                     validates each request (4xx JSON errors), then feeds its texts to the
-                     batchable endpoint in chunks of at most ``max_batch_size``.
+                     validates each request (4xx JSON errors), then feeds its texts, in
+                     chunks of at most ``max_batch_size``, to the batchable endpoint's
+                     adaptive batcher (in process: the same queue as POST /batch).
     POST /batch      the batchable endpoint: BentoML's adaptive batcher merges the texts of
                      concurrent requests into one list; returns probabilities per text.
     GET  /info       model, labels, variant, provider, max_length, batch invariance, parity.
@@ -13,13 +14,10 @@ Routes:
 Why /classify is not itself the batchable endpoint: a batchable method only sees merged
 batches, so per-request caps and errors must be checked before batching.
 
-Why a large request is fed in sequential chunks: BentoML's dispatcher splits a request
-bigger than max_batch_size and keeps the remainder queued with its original arrival
-time; while the first part runs, the remainder's wait passes max_latency_ms and it is
-cancelled with 503 "process is overloaded", even on an idle server. A chunk of at most
-max_batch_size is never split, and the next chunk is queued only when the previous one
-is answered, so on an idle server it waits for nothing. Under real overload a chunk
-still waits in a long queue and is refused with 503, as it should be.
+Why the texts go in sequential chunks through a gate: left alone, BentoML's dispatcher
+answers 503 "process is overloaded" to a 256-text request on an idle server, and to the
+oldest requests of a burst it could serve within max_latency_ms; serve/batching.py says
+why and how /classify avoids both, so that 503 means real overload.
 
 Configured through ``FERRY_*`` environment variables (serve/settings.py), set by
 `ferry serve`; without ``FERRY_ARTIFACT`` the model comes from the BentoML model store
@@ -47,12 +45,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ferry.errors import FerryError
+from serve.batching import Overloaded, TextGate, cap_cork_wait, in_chunks
 from serve.runtime import Runtime, check_startup, resolve_device
 from serve.settings import ServeSettings
 
 log = logging.getLogger("bentoml.ferry")  # BentoML configures the "bentoml" logger in its workers
 
-SETTINGS = ServeSettings.from_env()
+try:
+    SETTINGS = ServeSettings.from_env()
+except FerryError as e:  # a bad FERRY_* variable: one line, not a traceback from BentoML's loader
+    print(f"ferry: refusing to start: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 DEVICE = resolve_device(SETTINGS.device)
 MAX_BATCH_SIZE, MAX_LATENCY_MS = SETTINGS.batching(DEVICE)
 MAX_BODY_BYTES = SETTINGS.max_texts * SETTINGS.max_chars * 6 + 65536  # \uXXXX escapes take 6 bytes a char
@@ -60,6 +63,7 @@ KEYS = ("texts", "return_all_scores")
 
 _metrics: dict[str, Any] = {}
 _batch_infer: Callable[..., Awaitable[Any]] | None = None
+_gate: TextGate | None = None
 
 
 def metrics() -> dict[str, Any]:
@@ -93,6 +97,8 @@ def parse_request(body: bytes) -> tuple[list[str], bool]:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({e}); send {{\"texts\": [\"...\"]}}") from None
+    except RecursionError:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "body is nested too deeply to be a request") from None
     if not isinstance(data, dict):
         raise RequestError(HTTPStatus.BAD_REQUEST, f"body must be a JSON object like {{\"texts\": [...]}}, got {type(data).__name__}")
     unknown = [k for k in data if k not in KEYS]
@@ -119,6 +125,10 @@ def parse_request(body: bytes) -> tuple[list[str], bool]:
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"texts[{i}] has {len(text)} characters, more than the limit of {SETTINGS.max_chars}",
             )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape: the tokenizer would fail the whole batch
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{i}] is not valid Unicode (a lone surrogate such as \\ud800)") from None
     return_all = data.get("return_all_scores", False)
     if not isinstance(return_all, bool):
         raise RequestError(HTTPStatus.BAD_REQUEST, f"'return_all_scores' must be true or false, got {_kind(return_all)}")
@@ -139,12 +149,15 @@ def batcher(request: Request) -> Callable[[list[str]], Awaitable[list[dict[str, 
     /classify feeds the same dispatcher that serves POST /batch (one queue, one batching
     policy, BentoML's adaptive-batch-size metric included), found through the app's router.
     """
-    global _batch_infer
+    global _batch_infer, _gate
     if _batch_infer is None:
         for route in getattr(request.scope.get("router"), "routes", []):
             factory = getattr(getattr(getattr(route, "endpoint", None), "func", None), "__self__", None)
             if getattr(route, "name", None) == "batch" and hasattr(factory, "batch_infer"):
                 _batch_infer = functools.partial(factory.batch_infer, "batch")
+                if "batch" in getattr(factory, "dispatchers", {}):
+                    cap_cork_wait(factory.dispatchers["batch"].optimizer)
+                _gate = TextGate(2 * MAX_BATCH_SIZE)  # one batch running, one forming
                 break
         else:
             raise RuntimeError("BentoML's batch endpoint was not found in the app's routes; is bentoml < 1.5?")
@@ -152,29 +165,30 @@ def batcher(request: Request) -> Callable[[list[str]], Awaitable[list[dict[str, 
     return lambda texts: infer((texts,), {})
 
 
-async def in_chunks(run: Callable[[list[str]], Awaitable[list[Any]]], texts: list[str], size: int) -> list[Any]:
-    """``run`` over chunks of at most ``size`` texts, each queued only once the previous one is answered.
-
-    A chunk never exceeds the dispatcher's max_batch_size, so it is never split and left
-    queued with a stale arrival time (the cause of 503s on an idle server, see above).
-    """
-    out: list[Any] = []
-    for start in range(0, len(texts), size):
-        out.extend(await run(texts[start : start + size]))
-    return out
+async def read_body(request: Request) -> bytes:
+    """The body, refused with 413 past MAX_BODY_BYTES without reading the rest of it."""
+    length = request.headers.get("content-length")
+    too_big = RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over the limit of {MAX_BODY_BYTES} bytes")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def classify(request: Request) -> JSONResponse:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        return error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes is over the limit of {MAX_BODY_BYTES}")
     try:
-        texts, return_all = parse_request(await request.body())
+        texts, return_all = parse_request(await read_body(request))
     except RequestError as e:
         return error(e.status, str(e))
+    run = batcher(request)
     try:
-        raw = await in_chunks(batcher(request), texts, MAX_BATCH_SIZE)
-    except ServiceUnavailable:
+        raw = await in_chunks(run, texts, MAX_BATCH_SIZE, _gate, MAX_LATENCY_MS / 1000)
+    except (ServiceUnavailable, Overloaded):
         return error(
             HTTPStatus.SERVICE_UNAVAILABLE,
             f"server overloaded: the request would wait more than max_latency_ms={MAX_LATENCY_MS}; retry later",
@@ -218,6 +232,7 @@ routes = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route
     name="ferry",
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout_s},
+    logging={"access": {"enabled": False}},
     labels={"project": "ferry"},
 )
 @bentoml.asgi_app(routes, path="/")

@@ -150,5 +150,14 @@ def served_artifact(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bentoml_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bentoml-home")
+def bentoml_home(tmp_path_factory):
+    """A temporary BentoML home (model store, bentos) for the servers and for in-process `ferry store`."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    saved = {k: os.environ.get(k) for k in ("BENTOML_HOME", "BENTOML_DO_NOT_TRACK")}
+    os.environ.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True")
+    yield home
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

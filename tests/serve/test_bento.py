@@ -24,18 +24,8 @@ def bentoml(home, *args, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def bento(served_artifact, tmp_path_factory, monkeypatch_module):
-    home = tmp_path_factory.mktemp("bento-home")
-    monkeypatch_module.setenv("BENTOML_HOME", str(home))
-    monkeypatch_module.setenv("BENTOML_DO_NOT_TRACK", "True")
-    return home
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+def bento(bentoml_home):
+    return bentoml_home
 
 
 def test_store_build_and_export_a_bento_that_carries_its_model(bento, served_artifact, tmp_path, capsys):
@@ -51,7 +41,7 @@ def test_store_build_and_export_a_bento_that_carries_its_model(bento, served_art
     assert meta["labels"] == manifest["labels"]
     assert meta["variants"]["int8"]["batch_invariant"] is False and meta["variants"]["fp32"]["batch_invariant"] is True
 
-    bentoml(bento, "build")  # offline: bentofile.yaml turns package locking off
+    bentoml(bento, "build")  # offline: bentofile.yaml turns package locking off; it packs ferry-classifier:latest
     built = (bento / "bentos" / "ferry" / "latest").read_text().strip()
     bento_tag, bento_dir = f"ferry:{built}", bento / "bentos" / "ferry" / built
     info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
@@ -97,3 +87,16 @@ def test_the_bento_serves_its_stored_model(bento, served_artifact):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_ferry_serve_import_registers_the_artifact_and_serves_it_from_the_store(bento, served_artifact, monkeypatch, capsys):
+    import serve.cli
+
+    started = {}
+    monkeypatch.setattr(serve.cli, "run_server", lambda settings, host, port: started.update(settings=settings) or 0)
+    assert main(["serve", str(served_artifact), "--import", "--port", str(free_port())]) == 0
+    settings = started["settings"]
+    assert settings.artifact is None and settings.model_tag.startswith("ferry-classifier:")
+    name, version = settings.model_tag.split(":")
+    assert (bento / "models" / name / version / "ferry.json").is_file()
+    assert f"registered the artifact as {settings.model_tag}" in capsys.readouterr().err

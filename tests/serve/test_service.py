@@ -128,6 +128,9 @@ BAD = [
     ({"texts": ["ok", "y" * 50_001]}, 413, "texts[1] has 50001 characters"),
     ({"texts": ["ok"], "return_all_scores": "yes"}, 400, "return_all_scores"),
     ({"texts": ["ok"], "extra": 1}, 400, "unknown key 'extra'"),
+    ('{"texts": ["ok", "a\\ud800b"]}', 400, "texts[1] is not valid Unicode"),
+    (b'{"texts": ["\xff"]}', 400, "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, 400, "nested too deeply"),
 ]
 
 
