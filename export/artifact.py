@@ -14,11 +14,18 @@ the source checkpoint, and ``ferry.json`` (written last)::
       "variants": {
         "<name>": {"file": str, "sha256": str, "bytes": int, "precision": "fp32|fp16|int8",
                    "provider": "CPUExecutionProvider|CUDAExecutionProvider",
-                   "batch_invariant": bool,
-                   "status": "pass|fail|unverified", "parity": {...}}
+                   "batch_invariant": bool | null,   # null: not measurable here (fp16 without CUDA)
+                   "external_data": {"file", "sha256", "bytes"},  # only for models over 2 GB
+                   "status": "pass|fail|unverified", "parity": {...},
+                   "optimization": {...}, "quantization": {...}, "graph_ops": {op: count}}
       },
       "default_variant": {"cpu": str | null, "gpu": str | null},
-      "settings": {...}, "versions": {...}, "created": str
+      "default_variant_rule": {"cpu": str, "gpu": str},
+      "settings": {...}, "timings": {...}, "versions": {...}, "created": str
+
+The default CPU variant is the first of int8-static, fp32 that passed its gate and is
+batch-invariant (dynamic int8 only when forced with --cpu-default); the default GPU
+variant is fp16 unless it failed (unverified is allowed: only CUDA can verify it), else fp32.
     }
 
 Nothing here imports PyTorch: a served artifact needs ONNX Runtime and a tokenizer only.
@@ -64,12 +71,19 @@ class Variant:
         """Refuse a model file whose sha256 differs from the manifest."""
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: model file of variant '{self.name}' is missing")
-        actual = sha256_file(self.path)
-        if actual != self.info.get("sha256"):
-            raise ArtifactError(
-                f"{self.path}: sha256 {actual[:12]}… does not match the manifest's "
-                f"{str(self.info.get('sha256'))[:12]}…; the file was modified or corrupted, re-export it"
-            )
+        checks = [(self.path, self.info.get("sha256"))]
+        ext = self.info.get("external_data")
+        if ext:  # models over 2 GB keep their weights in a second file
+            checks.append((self.path.parent / ext["file"], ext.get("sha256")))
+        for path, expected in checks:
+            if not path.is_file():
+                raise ArtifactError(f"{path}: file of variant '{self.name}' is missing; re-export it")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise ArtifactError(
+                    f"{path}: sha256 {actual[:12]}… does not match the manifest's "
+                    f"{str(expected)[:12]}…; the file was modified or corrupted, re-export it"
+                )
 
 
 @dataclasses.dataclass

@@ -62,7 +62,7 @@ class BenchArgs:
     texts: str | None = opt(None, "real texts (.txt one per line, or .csv/.tsv/.jsonl/.parquet): natural lengths instead of --seq-lengths")
     text_column: str = opt("text", "text column of --texts")
     threads: int | None = opt(None, "threads for PyTorch and ONNX Runtime alike (default: the physical cores)", check=positive)
-    warmup: int = opt(2, "untimed calls per engine and cell", check=lambda v: None if v >= 0 else "must be >= 0")
+    warmup: int = opt(1, "untimed calls per engine and cell", check=lambda v: None if v >= 0 else "must be >= 0")
     max_seconds: float = opt(4.0, "time limit per cell (all engines together), after warm-up", check=positive)
     spread: float = opt(0.10, "stable when (max-min)/median of the last windows is below this", check=positive)
     windows: int = opt(3, "windows compared for stability", check=lambda v: None if v >= 2 else "must be >= 2")
@@ -153,6 +153,9 @@ def plan_engines(
     engines: list[EngineSpec] = []
     skipped: dict[str, str] = {}
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "auto": ["cpu", "cuda"]}[device]
+    if device == "auto" and not torch_cuda and not ort_cuda:
+        devices = ["cpu"]
+        skipped["cuda engines"] = "no CUDA GPU usable by PyTorch or ONNX Runtime here"
     for dev in devices:
         if pytorch:
             for precision in ("fp32",) if dev == "cpu" else ("fp32", "fp16", "bf16"):

@@ -29,7 +29,7 @@ from typing import Any
 
 from export import quantize
 from export.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES
-from export.parity import GateArgs, PRECISION, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
+from export.parity import GateArgs, PRECISION, default_threads, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
 from ferry.config import opt, positive, to_dict
 from ferry.errors import CheckpointError, ConfigError, DataError, FerryError
 from ferry.files import MANIFEST, atomic_dir, library_versions, now_iso, sha256_file, write_json
@@ -194,7 +194,13 @@ def optimize(raw_dir: Path, out_dir: Path, level: str, model_type: str, for_gpu:
         return {"level": "O0", "fusions": False, "note": reason}
     from export.session import gpu_present
 
-    optimizer = ORTOptimizer.from_pretrained(raw_dir, file_names=["model.onnx"])
+    source = raw_dir
+    if quantize.external_data_file(raw_dir / "model.onnx"):
+        # ORTOptimizer deletes its input's external data file after saving; give it a copy,
+        # so the raw export can be optimized again (the fp16 and int8-static graphs).
+        source = out_dir.with_name(out_dir.name + "-input")
+        shutil.copytree(raw_dir, source)
+    optimizer = ORTOptimizer.from_pretrained(source, file_names=["model.onnx"])
     # Shape inference cannot see through every exported op; the exporter disables it too
     # (and a failed symbolic inference would leave a temp file in the working directory).
     extra: dict[str, Any] = {"disable_shape_inference": True}
@@ -221,6 +227,8 @@ def optimize(raw_dir: Path, out_dir: Path, level: str, model_type: str, for_gpu:
         optimizer.optimize(config, out_dir, file_suffix="")
     finally:
         onnxruntime.set_default_logger_severity(3)
+        if source != raw_dir:
+            shutil.rmtree(source, ignore_errors=True)
     info: dict[str, Any] = {"level": level, "fusions": level != "O1", "for_gpu": for_gpu or level == "O4"}
     if split_qkv:
         info["attention"] = "MultiHeadAttention, Q/K/V projections as MatMul"
@@ -400,7 +408,7 @@ def export(args: ExportArgs) -> int:
                 "cpu": "forced by --cpu-default" if args.cpu_default else "first passing, batch-invariant variant among " + ", ".join(CPU_DEFAULT_ORDER),
                 "gpu": "fp16 unless it failed, else fp32",
             },
-            "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads},
+            "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "versions": library_versions(*VERSIONS),
             "created": now_iso(),

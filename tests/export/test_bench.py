@@ -37,7 +37,10 @@ def test_plan_engines_with_cuda_faked():
     variants = {"fp32": "fp32", "int8": "int8", "int8-static": "int8", "fp16": "fp16"}
     engines, skipped = plan_engines(variants, "auto", True, torch_cuda=False, ort_cuda=False)
     assert [e.name for e in engines] == ["pytorch-fp32-cpu", "onnx-fp32-cpu", "onnx-int8-cpu", "onnx-int8-static-cpu"]
-    assert "onnx-fp16-cpu" in skipped and "pytorch-fp16-cuda" in skipped
+    assert "onnx-fp16-cpu" in skipped and "no CUDA GPU" in skipped["cuda engines"]
+    engines, skipped = plan_engines(variants, "auto", True, torch_cuda=True, ort_cuda=False)
+    assert [e.name for e in engines][4:] == ["pytorch-fp32-cuda", "pytorch-fp16-cuda", "pytorch-bf16-cuda"]
+    assert "onnx-fp32-cuda" in skipped and "onnx-fp16-cuda" in skipped
     engines, skipped = plan_engines(variants, "auto", True, torch_cuda=True, ort_cuda=True)
     names = [e.name for e in engines]
     assert names[4:] == ["pytorch-fp32-cuda", "pytorch-fp16-cuda", "pytorch-bf16-cuda", "onnx-fp32-cuda", "onnx-fp16-cuda"]

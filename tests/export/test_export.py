@@ -251,3 +251,27 @@ def test_plain_hf_directory_without_heldout(tmp_path, capsys):
     rc, _, err = run(["export", str(plain), "--output", str(out2), *FAST, "--data", str(data)], capsys)
     assert rc == 0, err
     assert manifest(out2)["variants"]["int8"]["parity"]["heldout"]["examples"] == 15
+
+
+def test_external_data_path(bert_ckpt, tmp_path, capsys, monkeypatch):
+    """Models over 2 GB keep weights in a side file: exercised on the tiny model by forcing it."""
+    from export import quantize
+
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # optimum's exporter writes model.onnx_data
+    monkeypatch.setattr(quantize, "TWO_GB", 0)  # quantizers write external data too
+    out = tmp_path / "big"
+    rc, _, err = run(["export", str(bert_ckpt), "--output", str(out), *FAST, "--variants", "fp32,int8,int8-static"], capsys)
+    assert rc == 0, err
+    m = manifest(out)
+    ext = m["variants"]["fp32"]["external_data"]
+    assert ext["file"] == "model.onnx_data" and (out / ext["file"]).stat().st_size == ext["bytes"]
+    assert m["variants"]["fp32"]["status"] == "pass"
+    for name in ("int8", "int8-static"):
+        assert m["variants"][name]["status"] == "pass"
+    art = check_valid_artifact_dir(out)
+    for v in art.variants.values():
+        v.verify()
+    # a damaged side file is caught by the hash check
+    (out / ext["file"]).write_bytes(b"\0" * ext["bytes"])
+    with pytest.raises(Exception, match="model.onnx_data: sha256"):
+        art.variants["fp32"].verify()
