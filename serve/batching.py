@@ -1,20 +1,23 @@
 """How /classify feeds BentoML's adaptive batcher so that 503 means real overload only.
 
-BentoML's dispatcher (``bentoml._internal.marshal.dispatcher.CorkDispatcher``) refuses
-work in three situations that are not overload; each has a counter here:
+BentoML's dispatcher (``bentoml._internal.marshal.dispatcher.CorkDispatcher``, 1.4)
+refuses or delays work where there is no overload; each case has its counter here:
 
 1. A job bigger than ``max_batch_size`` is split; the remainder stays queued with the
    job's arrival time and is cancelled (503) once that passes ``max_latency_ms`` while
-   the first part runs -- a 256-text request on an idle server. :func:`in_chunks` queues
+   the first part runs: a 256-text request on an idle server. :func:`in_chunks` queues
    chunks of at most ``max_batch_size`` texts, each once the previous one is answered.
-2. Its latency estimate for the oldest queued job is ``wait + a * n + b`` with ``n`` the
-   number of queued jobs, as if all of them ran before it, while the oldest runs in the
-   next batch. With 64 clients and batches of 32 it overestimates about twofold and
-   cancels the oldest requests, the ones about to be served. :class:`TextGate` lets at
-   most two batches' worth of texts into the dispatcher (one running, one forming), so
-   its estimate is close to the truth; the rest wait here in arrival order, and one that
-   waits longer than ``max_latency_ms`` here is refused (503), which is real overload.
-3. The time it holds a lone request open for others (:func:`cap_cork_wait`).
+2. Its latency estimate for the oldest queued job is ``its wait + a * n + b`` with ``n``
+   the number of queued jobs, as if all of them ran before it, when it runs in the next
+   batch. Under steady load (64 clients, batches of 32) that is about twice its real
+   latency, so it cancels the oldest requests, the ones about to be served.
+   :class:`TextGate` lets at most two batches' worth of texts into the dispatcher (one
+   running, one forming), so its estimate stays close to the truth; the others wait at
+   the gate in arrival order, and one that waits longer than ``max_latency_ms`` there is
+   refused with 503: real overload. A request is then refused only after waiting its
+   budget, and one let in takes at most about two batches more.
+3. After a burst it holds every lone request open for the burst's queueing delay
+   (:func:`cap_cork_wait`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from export.artifact import check_valid_artifact_dir
 from export.session import OPT_LEVELS
 from ferry.config import opt, positive
 from ferry.errors import ConfigError, FerryError
-from serve.settings import DEFAULT_MODEL, DEVICE_DEFAULTS, ServeSettings
+from serve.settings import BATCH_INVARIANCE, DEFAULT_MODEL, DEVICE_DEFAULTS, ServeSettings
 
 SERVICE = "serve.service:Ferry"
 ROOT = Path(__file__).resolve().parent.parent  # the directory holding the serve, export and ferry packages
@@ -63,6 +63,12 @@ class ServeArgs:
     max_texts: int = opt(256, "most texts in one request (more: 413)", check=positive)
     max_chars: int = opt(50_000, "most characters in one text (more: 413); texts over max_length tokens are truncated", check=positive)
     timeout: int = opt(120, "seconds before a request is abandoned", check=positive)
+    batch_invariance: str = opt(
+        "enforce",
+        "enforce: a variant whose answers depend on its batch (dynamic int8) runs one text per call, so every answer "
+        "equals the answer alone; variant: batch it anyway, faster",
+        choices=BATCH_INVARIANCE,
+    )
     import_model: bool = opt(
         False, "register the artifact in the BentoML model store first and serve it from there", short="--import"
     )
@@ -93,6 +99,12 @@ def check_port(host: str, port: int) -> None:
             raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); is a server already running there?") from None
 
 
+def physical_cores() -> int:
+    import psutil  # a BentoML dependency
+
+    return int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
+
+
 def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
     """Copy a checked artifact into the BentoML model store; returns the tag."""
     import bentoml
@@ -109,7 +121,7 @@ def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
         "max_length": artifact.max_length,
         "default_variant": m.get("default_variant") or {},
         "variants": {
-            n: {"precision": v.info.get("precision"), "status": v.status, "batch_invariant": bool(v.info.get("batch_invariant", False))}
+            n: {"precision": v.info.get("precision"), "status": v.status, "batch_invariant": v.info.get("batch_invariant")}
             for n, v in artifact.variants.items()
         },
         "source_model_type": (m.get("source") or {}).get("model_type"),
@@ -142,14 +154,21 @@ def serve(args: ServeArgs) -> int:
     if args.artifact is None:
         raise ConfigError("ARTIFACT is required")
     # Everything a worker will do at start, done here first, so bad input is one line and no server.
-    runtime = Runtime(args.artifact, args.variant, args.device, args.threads, args.optimization)
+    runtime = Runtime(
+        args.artifact, args.variant, args.device, args.threads, args.optimization,
+        enforce_invariance=args.batch_invariance == "enforce",
+    )
     for note in runtime.notes:
         print(f"ferry serve: warning: {note}", file=sys.stderr)
+    threads = args.threads
+    if threads is None and args.workers > 1:  # workers share the cores instead of each taking them all
+        threads = max(1, physical_cores() // args.workers)
     settings = ServeSettings(
         artifact=str(Path(args.artifact).resolve()),
         variant=args.variant,
-        device=args.device,
-        threads=args.threads,
+        # what the check above resolved "auto" to, so a worker never retries an unusable GPU
+        device=runtime.device if args.device == "auto" else args.device,
+        threads=threads,
         optimization=args.optimization,
         workers=args.workers,
         max_batch_size=args.max_batch_size,
@@ -157,6 +176,7 @@ def serve(args: ServeArgs) -> int:
         max_texts=args.max_texts,
         max_chars=args.max_chars,
         timeout_s=args.timeout,
+        batch_invariance=args.batch_invariance,
     )
     batch, latency = settings.batching(runtime.device)
     print(f"ferry serve: {runtime.describe()}", file=sys.stderr)

@@ -80,14 +80,15 @@ def load_texts(path: str, text_column: str = "text") -> tuple[list[str], dict[st
 
 # --- statistics ----------------------------------------------------------------------
 def percentiles(values_ms: Sequence[float]) -> dict[str, float | None]:
-    """mean, p50, p90, p95, p99 and max of latencies in ms (linear interpolation)."""
-    import numpy as np
+    """mean, p50, p90, p95, p99 and max of latencies in ms (the offline bench's percentile)."""
+    from export.bench import percentile
 
     if not values_ms:
         return {k: None for k in ("mean", "p50", "p90", "p95", "p99", "max")}
-    a = np.asarray(values_ms, dtype=np.float64)
-    p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
-    return {"mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p95": float(p95), "p99": float(p99), "max": float(a.max())}
+    out: dict[str, float | None] = {"mean": sum(values_ms) / len(values_ms)}
+    out.update({f"p{q}": percentile(values_ms, q) for q in (50, 90, 95, 99)})
+    out["max"] = max(values_ms)
+    return out
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfINFaN]+)")

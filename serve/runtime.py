@@ -14,8 +14,6 @@ per inference call, which makes every answer equal to the answer given alone.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import platform
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,6 +22,7 @@ import numpy as np
 
 from export.artifact import UNVERIFIED, Artifact, Variant, check_valid_artifact_dir
 from export.session import CPU, CUDA, active_provider, available_providers, choose_providers, create_session
+from export.session import gpu_present as session_gpu_present
 from ferry.errors import ArtifactError, FerryError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -44,13 +43,6 @@ class Batch:
     runs: int  # inference calls made
 
 
-def has_nvidia_device() -> bool:
-    """Whether a GPU device node exists; without one, asking ORT for CUDA only logs errors."""
-    if platform.system() != "Linux":
-        return True  # let ONNX Runtime find out
-    return bool(glob.glob("/dev/nvidia[0-9]*"))
-
-
 def resolve_device(device: str = "auto", available: Sequence[str] | None = None, gpu_present: bool | None = None) -> str:
     """"cpu" or "cuda" for a requested device ("auto", "cpu", "cuda").
 
@@ -67,7 +59,7 @@ def resolve_device(device: str = "auto", available: Sequence[str] | None = None,
     providers = choose_providers(device, available)  # raises for cuda without the provider
     if device == "cuda":
         return "cuda"
-    present = has_nvidia_device() if gpu_present is None else gpu_present
+    present = session_gpu_present() if gpu_present is None else gpu_present
     return "cuda" if CUDA in providers and present else "cpu"
 
 
@@ -190,6 +182,9 @@ class Runtime:
         available: the ONNX Runtime provider list, faked in tests.
         gpu_present: whether a GPU is present, faked in tests (None: look for one).
         session_factory: builds the session (tests pass a fake); defaults to export.session.create_session.
+        enforce_invariance: run a variant measured as batch-dependent (ferry.json's
+            ``batch_invariant: false``) one text per inference call, so that each answer
+            equals the answer alone; False trades that for batched throughput.
 
     Raises:
         ArtifactError: a bad artifact, an unservable variant, or a model file whose sha256
@@ -207,6 +202,7 @@ class Runtime:
         available: Sequence[str] | None = None,
         gpu_present: bool | None = None,
         session_factory: Callable[..., Any] | None = None,
+        enforce_invariance: bool = True,
     ):
         self.artifact = artifact if isinstance(artifact, Artifact) else check_valid_artifact_dir(artifact)
         self.threads = threads
@@ -240,9 +236,10 @@ class Runtime:
         unknown = [n for n in self.input_names if n not in known]
         if unknown:
             raise ArtifactError(f"{self.variant.path}: model inputs {unknown} are not text-classification inputs")
-        self.batch_invariant_variant = bool(self.variant.info.get("batch_invariant", False))
+        # True, False, or None when export could not measure it (fp16 without a GPU)
+        self.batch_invariant_variant: bool | None = self.variant.info.get("batch_invariant")
         # One text per call makes a batch-dependent variant answer exactly as when alone.
-        self.one_per_run = not self.batch_invariant_variant
+        self.one_per_run = enforce_invariance and self.batch_invariant_variant is False
         self.pad_id = self._pad_id()
         self._ready = threading.Event()
 
@@ -263,16 +260,23 @@ class Runtime:
 
     # --- facts ---------------------------------------------------------------------
     @property
-    def batch_invariant(self) -> bool:
-        return True  # either the variant is, or one_per_run makes it so
+    def batch_invariant(self) -> bool | None:
+        """Whether served answers are independent of batch mates (None: not measured)."""
+        return True if self.one_per_run else self.batch_invariant_variant
+
+    @property
+    def batch_invariance(self) -> str:
+        if self.one_per_run:
+            return "one text per inference call (the variant's answers depend on its batch)"
+        return {True: "the variant is batch-invariant", False: "not enforced: answers depend on the batch",
+                None: "not measured for this variant"}[self.batch_invariant_variant]
 
     def describe(self) -> str:
-        how = "variant" if self.batch_invariant_variant else "one text per inference call"
         fb = f" ({self.fallback})" if self.fallback else ""
         return (
             f"serving {self.artifact.path} variant '{self.variant.name}' "
             f"({self.variant.info.get('precision', '?')}, parity {self.variant.status}) on {self.provider}{fb}, "
-            f"threads {self.threads or 'auto'}, optimization {self.optimization}, batch-invariant by {how}"
+            f"threads {self.threads or 'auto'}, optimization {self.optimization}; batch invariance: {self.batch_invariance}"
         )
 
     def info(self) -> dict[str, Any]:
@@ -298,7 +302,7 @@ class Runtime:
             "max_length": self.max_length,
             "batch_invariant": self.batch_invariant,
             "batch_invariant_variant": self.batch_invariant_variant,
-            "batch_invariance": "variant" if self.batch_invariant_variant else "one text per inference call",
+            "batch_invariance": self.batch_invariance,
             "parity": {"status": v.status, **(v.info.get("parity") or {})},
             "variants": {n: x.status for n, x in self.artifact.variants.items()},
             "ready": self.ready,
@@ -306,7 +310,10 @@ class Runtime:
 
     # --- inference -----------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> list[Any]:
-        return self.tokenizer.encode_batch(list(texts))
+        try:
+            return self.tokenizer.encode_batch(list(texts))
+        except TypeError:  # a str the Rust tokenizer cannot take (a lone surrogate): replace the bad code points
+            return self.tokenizer.encode_batch([t.encode("utf-8", "replace").decode("utf-8") for t in texts])
 
     def _feed(self, encodings: Sequence[Any]) -> dict[str, np.ndarray]:
         width = max(len(e.ids) for e in encodings)

@@ -232,7 +232,6 @@ routes = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route
     name="ferry",
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout_s},
-    logging={"access": {"enabled": False}},
     labels={"project": "ferry"},
 )
 @bentoml.asgi_app(routes, path="/")
@@ -261,6 +260,7 @@ class Ferry:
                 threads=SETTINGS.threads,
                 optimization=SETTINGS.optimization,
                 max_group=MAX_BATCH_SIZE,
+                enforce_invariance=SETTINGS.batch_invariance == "enforce",
             )
         except FerryError as e:
             # A worker that cannot load its model stops the server instead of being respawned forever.

@@ -17,6 +17,7 @@ from ferry.errors import ConfigError
 PREFIX = "FERRY_"
 DEFAULT_MODEL = "ferry-classifier"
 DEFAULT_TAG = f"{DEFAULT_MODEL}:latest"
+BATCH_INVARIANCE = ("enforce", "variant")
 # BentoML's dispatcher (max_batch_size is counted in texts) and the refusal budget.
 DEVICE_DEFAULTS = {
     "cpu": {"max_batch_size": 32, "max_latency_ms": 10_000},
@@ -40,6 +41,7 @@ class ServeSettings:
     max_texts: int = 256
     max_chars: int = 50_000
     timeout_s: int = 120
+    batch_invariance: str = "enforce"  # or "variant": serve a batch-dependent variant batched anyway
 
     def to_env(self) -> dict[str, str]:
         env = {}
@@ -59,7 +61,7 @@ class ServeSettings:
             raw = environ.get(PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name in ("artifact", "model_tag", "variant", "device", "optimization"):
+            if f.name in ("artifact", "model_tag", "variant", "device", "optimization", "batch_invariance"):
                 values[f.name] = raw
                 continue
             try:
@@ -71,6 +73,8 @@ class ServeSettings:
                 problems.append(f"{PREFIX}{f.name.upper()}={raw!r} must be >= 1")
                 continue
             values[f.name] = number
+        if values.get("batch_invariance", "enforce") not in BATCH_INVARIANCE:
+            problems.append(f"{PREFIX}BATCH_INVARIANCE={values['batch_invariance']!r} is not one of: {', '.join(BATCH_INVARIANCE)}")
         if problems:
             raise ConfigError(problems)
         return cls(**values)
