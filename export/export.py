@@ -32,7 +32,7 @@ from export.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES
 from export.parity import GateArgs, PRECISION, default_threads, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
 from ferry.config import opt, positive, to_dict
 from ferry.errors import CheckpointError, ConfigError, DataError, FerryError
-from ferry.files import MANIFEST, atomic_dir, library_versions, now_iso, sha256_file, write_json
+from ferry.files import MANIFEST, atomic_dir, check_output_dir, library_versions, now_iso, sha256_file, write_json
 
 TASK = "text-classification"
 CPU_LEVELS = ("O0", "O1", "O2", "O3")
@@ -301,6 +301,8 @@ def export(args: ExportArgs) -> int:
     # 1. Check everything before any work.
     ckpt = check_valid_checkpoint_dir(args.checkpoint)
     check_model_type(ckpt)
+    check_writable(output)
+    check_output_dir(output, args.overwrite, [ckpt.path])
     quiet_libraries()
     tokenizer = load_tokenizer(ckpt.path)
     check_tokenizer(ckpt, tokenizer)
@@ -311,7 +313,6 @@ def export(args: ExportArgs) -> int:
     calib = calibration_texts(args, ckpt) if "int8-static" in variants else []
     labelled = load_labelled_data(labels, ckpt.heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)
     isa = quantize.detect_isa() if args.int8_isa == "auto" else args.int8_isa
-    check_writable(output)
 
     with atomic_dir(output, args.overwrite, [ckpt.path]) as staging:
         work = staging / ".work"
