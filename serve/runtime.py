@@ -49,7 +49,7 @@ def resolve_device(device: str = "auto", available: Sequence[str] | None = None,
     "auto" is "cuda" only when ONNX Runtime has the CUDA provider and a GPU is present.
 
     Raises:
-        FerryError: an unknown device, or "cuda" without the CUDA provider.
+        FerryError: an unknown device, or "cuda" without the CUDA provider or a GPU.
     """
     if device not in DEVICES:
         raise FerryError(f"--device {device!r} is not one of: {', '.join(DEVICES)}")
@@ -57,9 +57,11 @@ def resolve_device(device: str = "auto", available: Sequence[str] | None = None,
     if device == "cpu":
         return "cpu"
     providers = choose_providers(device, available)  # raises for cuda without the provider
-    if device == "cuda":
-        return "cuda"
     present = session_gpu_present() if gpu_present is None else gpu_present
+    if device == "cuda":
+        if not present:  # asking ORT anyway only adds its own error lines before ours
+            raise FerryError("--device cuda: no NVIDIA GPU or driver is visible here; use --device cpu (or auto)")
+        return "cuda"
     return "cuda" if CUDA in providers and present else "cpu"
 
 

@@ -109,9 +109,11 @@ def test_device_resolution():
     assert resolve_device("auto", [CUDA, CPU], gpu_present=False) == "cpu"  # onnxruntime-gpu on a machine without GPU
     assert resolve_device("auto", [CPU]) == "cpu"
     assert resolve_device("cpu", [CUDA, CPU], gpu_present=True) == "cpu"
-    assert resolve_device("cuda", [CUDA, CPU]) == "cuda"
-    with pytest.raises(FerryError, match="--device cuda"):
-        resolve_device("cuda", [CPU])
+    assert resolve_device("cuda", [CUDA, CPU], gpu_present=True) == "cuda"
+    with pytest.raises(FerryError, match="--device cuda: ONNX Runtime here has no CUDAExecutionProvider"):
+        resolve_device("cuda", [CPU], gpu_present=True)
+    with pytest.raises(FerryError, match="--device cuda: no NVIDIA GPU"):
+        resolve_device("cuda", [CUDA, CPU], gpu_present=False)
 
 
 class DeviceValue:
@@ -206,7 +208,7 @@ def test_cuda_listed_but_unusable_falls_back_to_the_cpu_variant(gpu_artifact):
     assert rt.variant.name == manifest["default_variant"]["cpu"]
     assert "fell back" in rt.describe() and rt.info()["fallback"]
     with pytest.raises(FerryError, match="could not use the GPU"):
-        Runtime(gpu_artifact, device="cuda", available=[CUDA, CPU], session_factory=fake_factory(CPU))
+        Runtime(gpu_artifact, device="cuda", available=[CUDA, CPU], gpu_present=True, session_factory=fake_factory(CPU))
 
 
 def test_cpu_default_is_the_artifacts_batch_invariant_cpu_variant(gpu_artifact):

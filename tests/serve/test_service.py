@@ -252,3 +252,27 @@ def test_bentoml_serve_refuses_a_tampered_model(served_artifact, tmp_path, bento
     lines = [line for line in p.stderr.splitlines() if "refusing to start" in line]
     assert len(lines) == 1 and "does not match the manifest" in lines[0]
     assert "Traceback" not in p.stderr
+
+
+def test_a_worker_that_cannot_load_its_model_stops_the_server(served_artifact, tmp_path, bentoml_home):
+    """Past the start check (sha256 matches) but not loadable: one line, and the server stops
+    instead of BentoML respawning the worker forever."""
+    import subprocess
+    import sys
+
+    from ferry.files import sha256_file
+    from tests.serve.conftest import ROOT, free_port, server_env
+
+    art = tmp_path / "broken"
+    shutil.copytree(served_artifact, art)
+    (art / "model.onnx").write_bytes(b"not a protobuf")
+    manifest = json.loads((art / "ferry.json").read_text())
+    manifest["variants"]["fp32"]["sha256"] = sha256_file(art / "model.onnx")
+    (art / "ferry.json").write_text(json.dumps(manifest))
+    env = server_env(bentoml_home) | {"FERRY_ARTIFACT": str(art), "FERRY_VARIANT": "fp32"}
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serve.service:Ferry", "--port", str(free_port()), "--host", "127.0.0.1"]
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    lines = [line for line in out.splitlines() if "refusing to start" in line]
+    assert len(lines) == 1 and "not a loadable ONNX model" in lines[0], out[-2000:]
+    assert "Traceback" not in out
