@@ -251,3 +251,10 @@ def test_a_lone_surrogate_does_not_fail_the_batch(served_artifact):
     rt = Runtime(served_artifact, variant="fp32", device="cpu")
     out = rt.classify(["soup \ud800 bread", "pizza"])
     assert [o["label"] for o in out] == [o["label"] for o in rt.classify(["soup \ufffd bread", "pizza"])]
+
+
+def test_ready_only_after_the_warm_up_inference(served_artifact):
+    rt = Runtime(served_artifact, variant="fp32", device="cpu")
+    assert rt.ready is False and rt.info()["ready"] is False
+    rt.warm_up()
+    assert rt.ready is True
