@@ -38,6 +38,7 @@ from ferry.files import atomic_dir, check_output_dir, library_versions, now_iso,
 
 REPORT, TABLE, LATENCY_PNG, THROUGHPUT_PNG = "bench.json", "bench.md", "latency.png", "throughput.png"
 BASELINE = "pytorch-fp32"
+SETTLE_S = 0.05
 VERSIONS = ("torch", "onnxruntime-gpu", "onnxruntime", "transformers", "optimum-onnx", "onnx", "numpy")
 
 
@@ -327,6 +328,9 @@ def time_cell(engines: list[Engine], cell: Cell, args: BenchArgs) -> dict[str, T
             t = timings[name]
             if stable(t):
                 continue
+            # Let the previous engine's worker threads go idle (ORT and OpenMP pools spin
+            # after a run), so one engine's spinning never slows the next one's window.
+            time.sleep(SETTLE_S)
             calls = max(1, int(args.window_seconds / max(per_call[name], 1e-6)))
             window = []
             torch_cuda = e.spec.kind == "pytorch" and e.spec.device == "cuda"
