@@ -146,7 +146,7 @@ def finetune(args: FinetuneArgs) -> int:
         history: list[dict[str, Any]] = []
         loss_log: list[list[float]] = []
         best_state: dict[str, Any] | None = None
-        train_seconds, trained_samples = 0.0, 0
+        train_seconds, train_cpu_seconds, trained_samples = 0.0, 0.0, 0
         if args.resume:
             info = _check_resume(staging, output, settings, data_ids, dist.world_size)
             saved = state.load(staging, dist.device)
@@ -160,7 +160,8 @@ def finetune(args: FinetuneArgs) -> int:
             start_epoch = info["epoch"] + 1
             best_metric, best_epoch, bad_epochs = info["best_metric"], info["best_epoch"], info["bad_epochs"]
             history, loss_log = info["history"], info["loss_log"]
-            train_seconds, trained_samples = info["train_seconds"], info["trained_samples"]
+            train_seconds, train_cpu_seconds = info["train_seconds"], info["train_cpu_seconds"]
+            trained_samples = info["trained_samples"]
             say(f"resuming {output} after epoch {info['epoch']} of {args.epochs}", file=sys.stderr)
         else:
             if dist.main:
@@ -183,7 +184,7 @@ def finetune(args: FinetuneArgs) -> int:
                 disable=args.quiet or not dist.main, dynamic_ncols=True, mininterval=1.0,
             )
             loss_sum = torch.zeros((), device=dist.device)
-            epoch_start, seen = time.perf_counter(), 0
+            epoch_start, cpu_start, seen = time.perf_counter(), time.process_time(), 0
             for i, index in enumerate(batches):
                 group_start = i - i % args.grad_accum_steps
                 group_size = min(args.grad_accum_steps, len(batches) - group_start)
@@ -219,6 +220,7 @@ def finetune(args: FinetuneArgs) -> int:
             bar.close()
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds
+            train_cpu_seconds += time.process_time() - cpu_start
             trained_samples += seen * dist.world_size
             loss_total, loss_count = distributed.reduce_sum(dist, [float(loss_sum), float(len(batches))])
             row: dict[str, Any] = {
@@ -254,6 +256,7 @@ def finetune(args: FinetuneArgs) -> int:
                         info={
                             "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                             "history": history, "loss_log": loss_log, "train_seconds": train_seconds,
+                            "train_cpu_seconds": train_cpu_seconds,
                             "trained_samples": trained_samples, "settings": settings, "data": data_ids,
                             "world_size": dist.world_size,
                         },
@@ -274,6 +277,9 @@ def finetune(args: FinetuneArgs) -> int:
         wall = time.perf_counter() - started
         timing = {
             "wall_seconds": round(wall, 2), "train_seconds": round(train_seconds, 2),
+            # CPU seconds of this process (all its threads) in the training loop: less sensitive
+            # than wall time to other processes sharing the machine
+            "train_cpu_seconds": round(train_cpu_seconds, 2),
             "train_samples_per_second": round(trained_samples / max(train_seconds, 1e-9), 2),
         }
         if dist.main:
