@@ -9,6 +9,7 @@ checkpoint is complete, so an interrupted run never leaves a directory that look
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -191,7 +192,7 @@ def finetune(args: FinetuneArgs) -> int:
                 last_of_group = i == group_start + group_size - 1
                 batch = batching.collate([train_ids[j] for j in index], pad_id, input_names, dist.device)
                 y = train_y[index].to(dist.device, non_blocking=True)
-                sync = model.no_sync() if dist.active and not last_of_group else _nothing()
+                sync = model.no_sync() if dist.active and not last_of_group else contextlib.nullcontext()
                 with sync:
                     with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
                         logits = model(**batch).logits
@@ -315,14 +316,6 @@ def finetune(args: FinetuneArgs) -> int:
         return 0
     finally:
         distributed.teardown(dist)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _local(path: str | None) -> Path | None:

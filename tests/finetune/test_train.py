@@ -189,6 +189,7 @@ def interrupt_after(epoch_to_stop: int):
     return hook
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_bert, train_csv, capsys, monkeypatch):
     args = ("--epochs", "3", "--patience", "0")
     whole = tmp_path / "whole"
