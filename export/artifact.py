@@ -117,6 +117,22 @@ class Artifact:
         return variants[name]
 
 
+    def select(self, names: list[str] | None) -> list[str]:
+        """The named variants (all when ``names`` is empty), each checked against its sha256.
+
+        Raises:
+            ArtifactError: a name not in the artifact, or a modified model file.
+        """
+        variants = self.variants
+        names = list(names or variants)
+        unknown = [n for n in names if n not in variants]
+        if unknown:
+            raise ArtifactError(f"--variants '{unknown[0]}' not in {self.path}; variants are: {', '.join(variants)}")
+        for n in names:
+            variants[n].verify()
+        return names
+
+
 def check_valid_artifact_dir(path: str | Path, flag: str = "ARTIFACT") -> Artifact:
     """Check an artifact directory before any work; name what is missing and the fix."""
     p = Path(path)

@@ -547,12 +547,7 @@ def bench(args: BenchArgs) -> int:
 
     started = time.perf_counter()
     artifact = check_valid_artifact_dir(args.artifact)
-    names = args.variants or list(artifact.variants)
-    unknown = [n for n in names if n not in artifact.variants]
-    if unknown:
-        raise FerryError(f"--variants '{unknown[0]}' not in {artifact.path}; variants are: {', '.join(artifact.variants)}")
-    for n in names:
-        artifact.variants[n].verify()
+    names = artifact.select(args.variants)
     output = Path(args.output) if args.output else artifact.path.parent / f"{artifact.path.name}-bench"
     check_output_dir(output, args.overwrite, [artifact.path])  # before minutes of timing, not after
     threads = args.threads or default_threads()

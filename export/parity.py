@@ -482,12 +482,7 @@ def parity(args: ParityArgs) -> int:
     from ferry.files import write_json
 
     artifact = check_valid_artifact_dir(args.artifact)
-    names = args.variants or list(artifact.variants)
-    unknown = [n for n in names if n not in artifact.variants]
-    if unknown:
-        raise FerryError(f"--variants '{unknown[0]}' not in {artifact.path}; variants are: {', '.join(artifact.variants)}")
-    for name in names:
-        artifact.variants[name].verify()
+    names = artifact.select(args.variants)
     source = args.checkpoint or (artifact.manifest.get("source") or {}).get("checkpoint")
     if not source:
         raise FerryError(f"{artifact.path}: the manifest names no source checkpoint; pass --checkpoint DIR")
