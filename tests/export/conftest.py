@@ -10,6 +10,7 @@ import pytest
 
 from ferry.cli import main
 from tests import tiny
+from tests.cli import run, run_fails  # noqa: F401  (re-exported to the tests)
 
 LABELS = sorted(tiny.TOPICS)
 FAST = ["--quiet", "--threads", "1", "--parity-batch-sizes", "1,3", "--parity-seq-lengths", "8,24,64"]
@@ -99,22 +100,8 @@ def make_checkpoint(path: Path, arch: str = "bert", steps: int = 80, vocab_size:
     return path
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
-def run_fails(argv: list[str], capsys, *needles: str) -> str:
-    """Assert exit status 2 and exactly one error line (no traceback) containing every needle."""
-    rc, out, err = run(argv, capsys)
-    assert rc == 2, (rc, out, err)
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith(f"ferry {argv[0]}: error:")]
-    assert len(errors) == 1, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def manifest(path: Path) -> dict:

@@ -9,6 +9,7 @@ import pytest
 
 from ferry.cli import main
 from tests import tiny
+from tests.cli import run_fails  # noqa: F401  (re-exported to the tests)
 
 # Settings that make a tiny run take about a second.
 FAST = ["--epochs", "2", "--batch-size", "16", "--max-length", "32", "--learning-rate", "5e-3",
@@ -26,17 +27,6 @@ def run_ok(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return out
 
 
-def run_fails(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    """Assert exit status 2 and a one-line error (no traceback) containing every needle."""
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2, (rc, out, err)
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith(f"ferry {argv[0]}: error:")]
-    assert len(errors) == 1, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def read_jsonl(path: Path) -> list[dict]:
