@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Nothing is fetched from a model or dataset hub at run time.
+export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo test clean
 
