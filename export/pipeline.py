@@ -149,7 +149,7 @@ def pipeline(args: PipelineArgs) -> int:
 
         specs.insert(0, ("finetune", FinetuneArgs, {"output": str(ckpt_dir), "overwrite": args.overwrite}))
     elif args.finetune:
-        problems.append("--checkpoint skips fine-tuning, so the 'finetune' section would be ignored; remove one of them")
+        print(f"note: --checkpoint {args.checkpoint}: fine-tuning skipped, the 'finetune' section is not used", file=sys.stderr)
     for section, cls, fixed in specs:
         values = getattr(args, section)
         if not isinstance(values, dict):
