@@ -187,8 +187,9 @@ def test_200_concurrent_requests_match_answers_alone(servers, which):
                 assert abs(res["score"] - alone["score"]) <= 1e-5, text
                 assert res["truncated"] == alone["truncated"]
     # the requests really were merged: fewer model batches than texts
-    batches = after["ferry_batch_texts_count"] - before["ferry_batch_texts_count"]
-    merged = after["ferry_batch_texts_sum"] - before["ferry_batch_texts_sum"]
+    # a histogram appears in /metrics only after its first observation: absent before means 0
+    batches = after["ferry_batch_texts_count"] - before.get("ferry_batch_texts_count", 0.0)
+    merged = after["ferry_batch_texts_sum"] - before.get("ferry_batch_texts_sum", 0.0)
     assert merged == i
     assert batches < merged
 
