@@ -47,7 +47,12 @@ class ServeArgs:
     device: str = opt("auto", "where to run: auto (CUDA when ONNX Runtime can use a GPU), cpu or cuda", choices=("auto", "cpu", "cuda"))
     threads: int | None = opt(None, "ONNX Runtime intra-op threads per worker (default: one per physical core)", check=positive)
     optimization: str = opt("all", "ONNX Runtime graph optimization level", choices=OPT_LEVELS)
-    workers: int = opt(1, "server worker processes, each loading the model once", check=positive)
+    workers: int | None = opt(
+        None,
+        f"server worker processes, each loading the model once (default: {DEVICE_DEFAULTS['cpu']['workers']} "
+        f"on CPU, {DEVICE_DEFAULTS['cuda']['workers']} on GPU)",
+        check=positive,
+    )
     max_batch_size: int | None = opt(
         None,
         f"most texts the adaptive batcher merges into one model batch (default: {DEVICE_DEFAULTS['cpu']['max_batch_size']} "
@@ -160,9 +165,10 @@ def serve(args: ServeArgs) -> int:
     )
     for note in runtime.notes:
         print(f"ferry serve: warning: {note}", file=sys.stderr)
+    workers = args.workers or DEVICE_DEFAULTS[runtime.device]["workers"]
     threads = args.threads
-    if threads is None and args.workers > 1:  # workers share the cores instead of each taking them all
-        threads = max(1, physical_cores() // args.workers)
+    if threads is None and workers > 1:  # workers share the cores instead of each taking them all
+        threads = max(1, physical_cores() // workers)
     settings = ServeSettings(
         artifact=str(Path(args.artifact).resolve()),
         variant=args.variant,
@@ -170,7 +176,7 @@ def serve(args: ServeArgs) -> int:
         device=runtime.device if args.device == "auto" else args.device,
         threads=threads,
         optimization=args.optimization,
-        workers=args.workers,
+        workers=workers,
         max_batch_size=args.max_batch_size,
         max_latency_ms=args.max_latency_ms,
         max_texts=args.max_texts,
@@ -188,7 +194,7 @@ def serve(args: ServeArgs) -> int:
         print(f"ferry serve: registered the artifact as {settings.model_tag}; serving it from the model store", file=sys.stderr)
     print(
         f"ferry serve: http://{args.host}:{args.port} (POST /classify, GET /info, /readyz, /metrics), "
-        f"max_batch_size={batch}, max_latency_ms={latency}, workers={args.workers}; Ctrl-C stops it",
+        f"max_batch_size={batch}, max_latency_ms={latency}, workers={workers}; Ctrl-C stops it",
         file=sys.stderr,
     )
     return run_server(settings, args.host, args.port)

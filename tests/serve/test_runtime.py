@@ -258,3 +258,27 @@ def test_ready_only_after_the_warm_up_inference(served_artifact):
     assert rt.ready is False and rt.info()["ready"] is False
     rt.warm_up()
     assert rt.ready is True
+
+
+@pytest.mark.gpu
+def test_real_cuda_serves_fp16_through_io_binding(tmp_path):
+    """On a real GPU: the exported fp16 variant is verified there, served by default through
+    IO binding, and answers like the fp32 graph on CPU (labels equal, probabilities close)."""
+    from export.session import available_providers, gpu_present
+    from ferry.cli import main
+    from tests.serve.conftest import trained_checkpoint
+
+    if not (gpu_present() and CUDA in available_providers()):
+        pytest.skip("needs a CUDA GPU")
+    art = tmp_path / "artifact"
+    assert main(["export", str(trained_checkpoint(tmp_path / "ckpt")), "--output", str(art),
+                 "--variants", "fp32,fp16", "--quiet"]) == 0
+    assert json.loads((art / "ferry.json").read_text())["variants"]["fp16"]["status"] == "pass"
+    rt = Runtime(art)
+    assert (rt.device, rt.provider, rt.variant.name, rt.io_binding) == ("cuda", CUDA, "fp16", True)
+    got = rt.run_batch(TEXTS)
+    cpu = Runtime(art, variant="fp32", device="cpu").run_batch(TEXTS)
+    assert (got.probs.argmax(1) == cpu.probs.argmax(1)).all()
+    assert np.abs(got.probs - cpu.probs).max() <= 1e-2
+    alone = np.concatenate([rt.run_batch([t]).probs for t in TEXTS])
+    assert np.abs(alone - got.probs).max() <= 1e-2
