@@ -80,7 +80,7 @@ def finetune(args: FinetuneArgs) -> int:
     import torch
     import torch.nn.functional as F
 
-    from finetune import batching, modeling
+    from finetune import batching, featurecache, modeling
     from finetune.metrics import confusion_matrix, format_report, report
 
     started = time.perf_counter()
@@ -120,13 +120,17 @@ def finetune(args: FinetuneArgs) -> int:
         lengths = [len(x) for x in train_ids] if args.group_by_length else None
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
-        def evaluate_split(examples: Any) -> dict[str, Any] | None:
-            """Metrics of ``examples``: each rank predicts a disjoint share; confusion matrices are summed."""
+        def evaluate_split(examples: Any, cache: Any = None) -> dict[str, Any] | None:
+            """Metrics of ``examples``: each rank predicts a disjoint share; confusion matrices are summed.
+            With ``cache`` (one process, frozen base), the head runs on the cached features."""
             if examples is None or not len(examples):
                 return None
             mine = batching.shard(range(len(examples)), dist.rank, dist.world_size, pad=False)
-            ids = batching.encode(tokenizer, [examples.texts[i] for i in mine], args.max_length)
-            pred = batching.logits_of(net, ids, pad_id, input_names, args.eval_batch_size, dist.device, autocast).argmax(-1)
+            if cache is not None:
+                pred = featurecache.logits(net, cache, args.eval_batch_size).argmax(-1)
+            else:
+                ids = batching.encode(tokenizer, [examples.texts[i] for i in mine], args.max_length)
+                pred = batching.logits_of(net, ids, pad_id, input_names, args.eval_batch_size, dist.device, autocast).argmax(-1)
             cm = confusion_matrix([label_id[examples.labels[i]] for i in mine], pred, len(labels))
             return report(distributed.reduce_sum(dist, cm), labels)
 
@@ -174,6 +178,22 @@ def finetune(args: FinetuneArgs) -> int:
 
         from tqdm.auto import tqdm
 
+        # Feature extraction (--freeze all): the frozen base runs once, the head trains on its output.
+        train_cache = val_cache = None
+        feature_seconds = 0.0
+        if featurecache.usable(net, args.freeze, dist.active) and start_epoch <= args.epochs:
+            t = time.perf_counter()
+            quiet_bar = args.quiet or not dist.main
+            train_cache = featurecache.build(net, train_ids, pad_id, input_names, args.eval_batch_size, dist.device,
+                                             autocast, "features: train", quiet_bar)
+            if validation is not None and len(validation):
+                val_ids = batching.encode(tokenizer, validation.texts, args.max_length)
+                val_cache = featurecache.build(net, val_ids, pad_id, input_names, args.eval_batch_size, dist.device,
+                                               autocast, "features: validation", quiet_bar)
+            feature_seconds = time.perf_counter() - t
+            transfer["feature_cache"] = True
+            say(f"frozen base run once over {len(train_ids)} training texts ({feature_seconds:.1f} s); the head trains on its output")
+
         epoch = start_epoch - 1
         stopped_early = False
         for epoch in range(start_epoch, args.epochs + 1):
@@ -190,12 +210,16 @@ def finetune(args: FinetuneArgs) -> int:
                 group_start = i - i % args.grad_accum_steps
                 group_size = min(args.grad_accum_steps, len(batches) - group_start)
                 last_of_group = i == group_start + group_size - 1
-                batch = batching.collate([train_ids[j] for j in index], pad_id, input_names, dist.device)
                 y = train_y[index].to(dist.device, non_blocking=True)
                 sync = model.no_sync() if dist.active and not last_of_group else contextlib.nullcontext()
                 with sync:
-                    with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
-                        logits = model(**batch).logits
+                    if train_cache is not None:
+                        with featurecache.serving(net, train_cache, index):
+                            logits = net().logits
+                    else:
+                        batch = batching.collate([train_ids[j] for j in index], pad_id, input_names, dist.device)
+                        with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
+                            logits = model(**batch).logits
                     loss = F.cross_entropy(logits.float(), y)
                     (scaler.scale(loss / group_size) if scaler else loss / group_size).backward()
                 if last_of_group:
@@ -229,7 +253,7 @@ def finetune(args: FinetuneArgs) -> int:
                 "lr": scheduler.get_last_lr()[0], "seconds": round(epoch_seconds, 3),
                 "train_samples_per_second": round(seen * dist.world_size / max(epoch_seconds, 1e-9), 2),
             }
-            val = evaluate_split(validation)
+            val = evaluate_split(validation, val_cache)
             if val is not None:
                 row.update(val)
                 metric = val[args.metric]
@@ -278,6 +302,8 @@ def finetune(args: FinetuneArgs) -> int:
         wall = time.perf_counter() - started
         timing = {
             "wall_seconds": round(wall, 2), "train_seconds": round(train_seconds, 2),
+            # --freeze all: the one pass of the frozen base over the training and validation texts
+            "feature_seconds": round(feature_seconds, 2),
             # CPU seconds of this process (all its threads) in the training loop: less sensitive
             # than wall time to other processes sharing the machine
             "train_cpu_seconds": round(train_cpu_seconds, 2),

@@ -312,3 +312,41 @@ def test_mixed_precision_on_cuda(tmp_path, tiny_bert, train_csv, capsys, precisi
     weights = load_file(str(out / "model.safetensors"))
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
     assert read_manifest(out)["metrics"]["test"]["examples"] == 12
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_freeze_all_trains_the_head_on_features_computed_once(tmp_path, train_csv, capsys, monkeypatch, arch):
+    """--freeze all runs the frozen base once; with dropout off everywhere (so the base's
+    train and eval modes agree) the head ends where the full forward every batch leads it."""
+    from finetune import featurecache
+    from tests import tiny
+
+    model = tiny.base_model(tmp_path / "base", arch)
+    config = json.loads((model / "config.json").read_text())
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout", "seq_classif_dropout"):
+        if key in config:
+            config[key] = 0.0
+    (model / "config.json").write_text(json.dumps(config))
+    argv = ("--epochs", "3", "--freeze", "all", "--classifier-dropout", "0", "--patience", "0")
+
+    cached = tmp_path / "cached"
+    run_ok(finetune_argv(model, train_csv, cached, *argv), capsys)
+    assert read_manifest(cached)["transfer"]["feature_cache"] is True
+
+    built = []
+    monkeypatch.setattr(featurecache, "build", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(featurecache, "usable", lambda *a, **k: False)
+    plain = tmp_path / "plain"
+    run_ok(finetune_argv(model, train_csv, plain, *argv), capsys)
+    assert not built and "feature_cache" not in read_manifest(plain)["transfer"]
+
+    a, b = load_file(str(cached / "model.safetensors")), load_file(str(plain / "model.safetensors"))
+    assert a.keys() == b.keys()
+    head = [k for k in a if k.startswith(("classifier", "pre_classifier"))]
+    assert head
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+    ma, mb = read_manifest(cached)["metrics"], read_manifest(plain)["metrics"]
+    assert [h["train_loss"] for h in read_jsonl(cached / "metrics.jsonl") if h["split"] == "validation"] == \
+        pytest.approx([h["train_loss"] for h in read_jsonl(plain / "metrics.jsonl") if h["split"] == "validation"], abs=1e-5)
+    assert ma["test"]["accuracy"] == mb["test"]["accuracy"]
