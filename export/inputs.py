@@ -6,7 +6,6 @@ Batches are right-padded, as the tokenizers of the supported encoders pad.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,45 +68,20 @@ def random_ids(tokenizer: Any, vocab_size: int, batch: int, seq: int, rng: np.ra
 
 def read_texts(path: str, text_column: str = "text", flag: str = "--texts") -> list[str]:
     """Texts without labels: a .txt file (one per line), or the text column of .csv/.tsv/.jsonl/.parquet."""
+    from finetune.data import FORMATS, read_rows
+
     p = resolve(path)
     if not p.is_file():
         raise DataError(f"{flag} {path}: file not found")
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                table = pq.read_table(p)
-            except Exception as e:  # pyarrow raises many types for a damaged file
-                raise DataError(f"{flag} {path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-            if text_column not in table.column_names:
-                raise DataError(f"--text-column '{text_column}' not in {p.name}; columns are: {', '.join(table.column_names)}")
-            texts = table.column(text_column).to_pylist()
-        else:
-            raw = p.read_text(encoding="utf-8-sig")
-            if suffix == ".jsonl":
-                texts = []
-                for n, line in enumerate(raw.splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
-                    if not isinstance(row, dict) or text_column not in row:
-                        raise DataError(f"--text-column '{text_column}' not in {p.name} line {n}")
-                    texts.append(row[text_column])
-            elif suffix in (".csv", ".tsv"):
-                reader = csv.DictReader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-                if text_column not in (reader.fieldnames or []):
-                    cols = ", ".join(reader.fieldnames or [])
-                    raise DataError(f"--text-column '{text_column}' not in {p.name}; columns are: {cols}")
-                texts = [row[text_column] for row in reader]
-            else:
-                texts = raw.splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{flag} {path}: byte 0x{e.object[e.start]:02x} at offset {e.start} is not UTF-8; re-encode the file as UTF-8") from None
+    if p.suffix.lower() in FORMATS:
+        texts = read_rows(p, text_column, None, "strict", hint="")[0]
+    else:
+        raw = p.read_bytes()
+        try:
+            texts = raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{flag} {path}: byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8; "
+                            "re-encode the file as UTF-8") from None
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise DataError(f"{flag} {path}: no texts in the file")

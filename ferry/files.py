@@ -92,7 +92,10 @@ def check_output_dir(output: Path, overwrite: bool, inputs: list[Path] = ()) -> 
     if out.exists() and not overwrite:
         raise FerryError(f"--output {output} already exists; pass --overwrite to replace it")
     parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a read-only file system, no permission
+        raise FerryError(f"--output {output}: cannot create {parent} ({e.strerror})") from None
     if not os.access(parent, os.W_OK):
         raise FerryError(f"--output {output}: cannot write in {parent}")
 

