@@ -161,8 +161,15 @@ def test_bentoml_refuses_requests_it_could_serve_in_budget_and_the_gate_does_not
     """24 clients, batches of 8: every request is answered in ~3 batches (~260 ms), under the 350 ms
     budget. BentoML's estimate for the oldest queued request counts the whole queue after its own
     wait, so alone it refuses some of them; through the gate none is refused."""
-    refused, slowest = asyncio.run(_clients(gated=False, clients=24))
-    assert refused > 0 and slowest < 0.35
+    # The control: BentoML alone refuses. Its refusals depend on event-loop timing, and on a
+    # loaded machine one run can pass without any (seen once in CI-like conditions): up to 3 runs.
+    for _ in range(3):
+        refused, slowest = asyncio.run(_clients(gated=False, clients=24))
+        assert slowest < 0.35
+        if refused:
+            break
+    else:
+        pytest.fail("BentoML's dispatcher alone refused none in 3 runs: the scenario no longer tests the gate")
     refused, slowest = asyncio.run(_clients(gated=True, clients=24))
     assert refused == 0 and slowest < 0.35
 
