@@ -150,7 +150,9 @@ def load_model(ckpt: Checkpoint, **kwargs: Any) -> Any:
         return AutoModelForSequenceClassification.from_pretrained(ckpt.path, use_safetensors=True, **kwargs)
     except Exception as e:  # safetensors and transformers raise many types for damaged files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt.path}: cannot load the model weights ({first}); the file may be corrupted") from None
+        weights = sorted(Path(ckpt.path).glob("*.safetensors"))
+        where = ", ".join(str(w) for w in weights) if weights else f"{ckpt.path} (no .safetensors file)"
+        raise CheckpointError(f"{where}: cannot load the model weights ({first}); the file may be corrupted") from None
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -41,7 +41,7 @@ def test_corrupted_safetensors(bert_ckpt, tmp_path, capsys):
     ckpt = copy_ckpt(bert_ckpt, tmp_path / "ckpt")
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
-    run_fails(["export", str(ckpt), "--output", str(tmp_path / "out")], capsys, str(ckpt), "corrupted")
+    run_fails(["export", str(ckpt), "--output", str(tmp_path / "out")], capsys, str(ckpt / "model.safetensors"), "corrupted")
     assert not (tmp_path / "out").exists()
 
 
