@@ -478,16 +478,13 @@ def plot(results: list[dict[str, Any]], latency_png: Path, throughput_png: Path)
 
 
 def load_report(path: str) -> dict[str, Any]:
+    from ferry.files import read_json_object
+
     p = Path(path)
     if p.is_dir():
         p = p / REPORT
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FerryError(f"--compare {path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FerryError(f"--compare {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("stage") != "bench" or not isinstance(data.get("results"), list):
+    data = read_json_object(p, f"--compare {path}: file not found", f"--compare {path}")
+    if data.get("stage") != "bench" or not isinstance(data.get("results"), list):
         raise FerryError(f"--compare {path}: not a ferry bench report ({REPORT})")
     return data
 

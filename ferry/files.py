@@ -66,18 +66,24 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json_object(path: Path, missing: str, where: str | None = None) -> dict[str, Any]:
+    """A JSON object from ``path``; FerryError with ``missing`` when there is no file, and
+    naming ``where`` (default: the path) when it is not a JSON object."""
+    where = where or str(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FerryError(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FerryError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FerryError(f"{where}: expected a JSON object")
+    return data
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     """Read ``ferry.json``; a missing or unreadable one raises FerryError naming it."""
-    path = Path(directory) / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FerryError(f"{directory}: no {MANIFEST}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FerryError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise FerryError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(Path(directory) / MANIFEST, f"{directory}: no {MANIFEST}")
 
 
 def check_output_dir(output: Path, overwrite: bool, inputs: list[Path] = ()) -> None:  # type: ignore[assignment]

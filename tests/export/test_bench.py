@@ -143,6 +143,10 @@ def test_compare_refuses_non_reports(report_dir, tmp_path, capsys):
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"stage": "export"}))
     run_fails(["bench", "--compare", str(other), str(report_dir / "bench.json")], capsys, "not a ferry bench report")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    run_fails(["bench", "--compare", str(listed), str(report_dir / "bench.json")], capsys, "list.json", "expected a JSON object")
+    run_fails(["bench", "--compare", str(tmp_path / "gone.json"), str(report_dir / "bench.json")], capsys, "gone.json: file not found")
     run_fails(["bench", "--compare", str(report_dir / "bench.json")], capsys, "two reports")
 
 
