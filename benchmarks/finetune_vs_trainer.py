@@ -79,9 +79,9 @@ def worker_ferry(args: argparse.Namespace) -> dict:
         if rc != 0:
             raise SystemExit(f"ferry finetune exited with {rc}")
         timing = read_manifest(out)["timing"]
-    n = round(timing["train_samples_per_second"] * timing["train_seconds"])
     return {"seconds": timing["train_seconds"], "samples_per_second": timing["train_samples_per_second"],
-            "cpu_seconds": timing["train_cpu_seconds"], "samples_per_cpu_second": n / timing["train_cpu_seconds"]}
+            "cpu_seconds": timing["train_cpu_seconds"],
+            "samples_per_cpu_second": timing["train_samples"] / timing["train_cpu_seconds"]}
 
 
 def worker_trainer(args: argparse.Namespace) -> dict:

@@ -116,7 +116,6 @@ class Artifact:
             raise ArtifactError(f"--variant '{name}' not in {self.path}; variants are: {', '.join(variants)}")
         return variants[name]
 
-
     def select(self, names: list[str] | None) -> list[str]:
         """The named variants (all when ``names`` is empty), each checked against its sha256.
 

@@ -540,7 +540,7 @@ def bench(args: BenchArgs) -> int:
         raise ConfigError("ARTIFACT is required (or --compare A.json B.json)")
     from export.export import quiet_libraries
     from export.parity import default_threads, text_table, usable_length
-    from export.session import CUDA, available_providers, gpu_present
+    from export.session import cuda_usable
 
     started = time.perf_counter()
     artifact = check_valid_artifact_dir(args.artifact)
@@ -567,7 +567,7 @@ def bench(args: BenchArgs) -> int:
 
     tokenizer = load_tokenizer(artifact.path)
     torch_cuda = torch.cuda.is_available()
-    ort_cuda = CUDA in available_providers() and gpu_present()
+    ort_cuda = cuda_usable()
     variants = {n: artifact.variants[n].info.get("precision", "fp32") for n in names}
     specs, skipped = plan_engines(variants, args.device, args.pytorch, torch_cuda, ort_cuda)
 

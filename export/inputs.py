@@ -68,7 +68,7 @@ def random_ids(tokenizer: Any, vocab_size: int, batch: int, seq: int, rng: np.ra
 
 def read_texts(path: str, text_column: str = "text", flag: str = "--texts") -> list[str]:
     """Texts without labels: a .txt file (one per line), or the text column of .csv/.tsv/.jsonl/.parquet."""
-    from finetune.data import FORMATS, read_rows
+    from finetune.data import FORMATS, decode_text, read_rows
 
     p = resolve(path)
     if not p.is_file():
@@ -76,12 +76,7 @@ def read_texts(path: str, text_column: str = "text", flag: str = "--texts") -> l
     if p.suffix.lower() in FORMATS:
         texts = read_rows(p, text_column, None, "strict", hint="")[0]
     else:
-        raw = p.read_bytes()
-        try:
-            texts = raw.decode("utf-8-sig").splitlines()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{flag} {path}: byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8; "
-                            "re-encode the file as UTF-8") from None
+        texts = decode_text(p.read_bytes(), f"{flag} {path}", "strict", hint="").splitlines()
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise DataError(f"{flag} {path}: no texts in the file")

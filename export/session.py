@@ -28,6 +28,11 @@ def gpu_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
 
 
+def cuda_usable() -> bool:
+    """Whether ONNX Runtime here can run the CUDA provider: it lists it and a GPU is present."""
+    return CUDA in available_providers() and gpu_present()
+
+
 def choose_providers(device: str = "auto", available: Sequence[str] | None = None) -> list[str]:
     """The provider list for ``device``: "cpu", "cuda" or "auto" (CUDA when ONNX Runtime has it).
 

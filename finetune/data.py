@@ -46,7 +46,8 @@ def sort_labels(labels: set[str]) -> list[str]:
 DECODE_HINT = " or pass --decode-errors replace"
 
 
-def _decode(raw: bytes, where: str, decode_errors: str, hint: str = DECODE_HINT) -> str:
+def decode_text(raw: bytes, where: str, decode_errors: str, hint: str = DECODE_HINT) -> str:
+    """UTF-8 (a BOM allowed); an undecodable byte is a DataError naming ``where``, or U+FFFD with "replace"."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -85,7 +86,7 @@ def read_rows(
                 raise _column_error(path, flag, name, table.column_names)
         labels = table.column(label_column).to_pylist() if label_column is not None else None
         return table.column(text_column).to_pylist(), labels, 1
-    text = _decode(path.read_bytes(), str(path), decode_errors, hint)
+    text = decode_text(path.read_bytes(), str(path), decode_errors, hint)
     if fmt == "jsonl":
         texts, labels = [], []
         seen_columns: set[str] = set()
@@ -141,7 +142,7 @@ def _read_dir(path: Path, decode_errors: str) -> tuple[list[str], list[str], str
         for f in sorted(label_dir.glob("*.txt")):
             raw = f.read_bytes()
             digest.update(f"{label_dir.name}/{f.name}".encode() + b"\0" + hashlib.sha256(raw).digest())
-            texts.append(_decode(raw, str(f), decode_errors).strip())
+            texts.append(decode_text(raw, str(f), decode_errors).strip())
             labels.append(label_dir.name)
     if not texts:
         raise DataError(f"{path}: no <label>/*.txt files in this directory")

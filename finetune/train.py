@@ -307,6 +307,7 @@ def finetune(args: FinetuneArgs) -> int:
             # CPU seconds of this process (all its threads) in the training loop: less sensitive
             # than wall time to other processes sharing the machine
             "train_cpu_seconds": round(train_cpu_seconds, 2),
+            "train_samples": trained_samples,
             # the frozen base's one pass counts as training time, so the rate compares across freeze modes
             "train_samples_per_second": round(trained_samples / max(train_seconds + feature_seconds, 1e-9), 2),
         }

@@ -100,10 +100,6 @@ def make_checkpoint(path: Path, arch: str = "bert", steps: int = 80, vocab_size:
     return path
 
 
-
-
-
-
 def manifest(path: Path) -> dict:
     return json.loads((path / "ferry.json").read_text(encoding="utf-8"))
 

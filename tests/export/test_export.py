@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from export.artifact import check_valid_artifact_dir
-from export.session import CUDA, available_providers, gpu_present
+from export.session import cuda_usable
 from ferry.files import sha256_file
 from tests.export.conftest import FAST, LABELS, make_checkpoint, manifest, run
 
@@ -79,7 +79,7 @@ def test_bert_artifact_files_and_manifest(bert_artifact, bert_ckpt):
     assert static["quantization"]["calibration"]["samples"] == 30  # all of the checkpoint's calibration texts
     # fp32 meets its gate; fp16 cannot be verified without CUDA; int8s are judged on labels.
     assert fp32["status"] == "pass" and fp32["parity"]["max_abs_diff"] <= 1e-4
-    if not (gpu_present() and CUDA in available_providers()):  # (on a GPU: see test_parity's gpu test)
+    if not cuda_usable():  # (on a GPU: see test_parity's gpu test)
         assert fp16["status"] == "unverified" and "CUDA" in fp16["parity"]["reason"]
     for v in (int8, static):
         held = v["parity"]["heldout"]
@@ -88,7 +88,7 @@ def test_bert_artifact_files_and_manifest(bert_artifact, bert_ckpt):
     # Batch invariance is measured: fixed scales are invariant, per-batch scales are not.
     assert fp32["batch_invariant"] is True and static["batch_invariant"] is True
     assert int8["batch_invariant"] is False and int8["parity"]["batch_invariance"]["max_abs_prob_diff"] > 1e-5
-    if gpu_present() and CUDA in available_providers():
+    if cuda_usable():
         assert fp16["batch_invariant"] in (True, False)  # measured on the GPU
     else:
         assert fp16["batch_invariant"] is None

@@ -10,13 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.session import CUDA, available_providers, gpu_present
+from export.session import cuda_usable, gpu_present
 from tests import tiny
 from tests.export.conftest import FAST, manifest, run
-
-
-def cuda_usable() -> bool:
-    return gpu_present() and CUDA in available_providers()
 
 
 def test_parity_command_checks_every_variant(bert_artifact, tmp_path, capsys):

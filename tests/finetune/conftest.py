@@ -27,8 +27,6 @@ def run_ok(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return out
 
 
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

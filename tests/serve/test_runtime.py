@@ -264,11 +264,11 @@ def test_ready_only_after_the_warm_up_inference(served_artifact):
 def test_real_cuda_serves_fp16_through_io_binding(tmp_path):
     """On a real GPU: the exported fp16 variant is verified there, served by default through
     IO binding, and answers like the fp32 graph on CPU (labels equal, probabilities close)."""
-    from export.session import available_providers, gpu_present
+    from export.session import cuda_usable
     from ferry.cli import main
     from tests.serve.conftest import trained_checkpoint
 
-    if not (gpu_present() and CUDA in available_providers()):
+    if not cuda_usable():
         pytest.skip("needs a CUDA GPU")
     art = tmp_path / "artifact"
     assert main(["export", str(trained_checkpoint(tmp_path / "ckpt")), "--output", str(art),
