@@ -555,7 +555,13 @@ def bench(args: BenchArgs) -> int:
     torch.set_num_threads(threads)
     model = None
     source = args.checkpoint or (artifact.manifest.get("source") or {}).get("checkpoint")
-    if args.pytorch:
+    ensemble_spec = None if args.checkpoint else artifact.manifest.get("ensemble")
+    if args.pytorch and ensemble_spec:
+        from export.ensemble import load_ensemble
+
+        _, model, _ = load_ensemble(ensemble_spec)
+        source = "ensemble of " + ", ".join(m["checkpoint"] for m in ensemble_spec["members"])
+    elif args.pytorch:
         if not source or not Path(source).is_dir():
             raise CheckpointError(
                 f"source checkpoint {source} of {artifact.path} not found; pass --checkpoint DIR, or --no-pytorch (no speedups then)"

@@ -29,7 +29,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from export import quantize
+from export import ensemble, quantize
+from export.ensemble import COMBINE
 from export.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES
 from export.parity import GateArgs, PRECISION, default_threads, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
 from ferry.config import opt, positive, to_dict
@@ -47,7 +48,10 @@ VERSIONS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxrun
 class ExportArgs(GateArgs):
     """Options of `ferry export`."""
 
-    checkpoint: str | None = opt(None, "checkpoint directory written by ferry finetune (or any HF sequence-classification directory)", positional=True)
+    checkpoint: str | None = opt(None, "checkpoint directory written by ferry finetune (or any HF sequence-classification directory)", positional=True, required=False)
+    ensemble: list[str] = opt([], "instead of CHECKPOINT: two or more checkpoints (one shared tokenizer, the same labels) exported as one ensemble graph", many=True)
+    combine: str = opt("mean", "how an --ensemble combines its members' probabilities: mean, weighted (by --weights), vote (most votes; mean probability breaks ties)", choices=COMBINE)
+    weights: list[float] = opt([], "with --combine weighted: one positive weight per --ensemble member (normalized)")
     output: str | None = opt(None, "artifact directory to write", short="-o")
     overwrite: bool = opt(False, "replace an existing --output")
     variants: list[str] = opt(["fp32", "int8"], "variants to write; fp32 is always one", choices=tuple(VARIANT_FILES))
@@ -299,39 +303,67 @@ def export(args: ExportArgs) -> int:
         problems.append(f"--cpu-default {args.cpu_default} is not among --variants ({', '.join(variants)})")
     if args.cpu_default == "fp16":
         problems.append("--cpu-default fp16: fp16 runs on CUDA only")
+    if bool(args.checkpoint) == bool(args.ensemble):
+        problems.append("give CHECKPOINT, or --ensemble CKPT_A CKPT_B ... for an ensemble (not both)")
+    if args.ensemble and "fp16" in variants:
+        problems.append("--variants fp16: not available for an --ensemble in this version")
+    if not args.ensemble and (args.weights or args.combine != "mean"):
+        problems.append("--combine and --weights apply to an --ensemble only")
     if problems:
         raise ConfigError(problems)
     output = Path(args.output)  # type: ignore[arg-type]
 
     # 1. Check everything before any work.
-    ckpt = check_valid_checkpoint_dir(args.checkpoint)
-    check_model_type(ckpt)
+    if args.ensemble:
+        weights = ensemble.weights_for(args.combine, args.weights, len(args.ensemble))
+        members = ensemble.check_members(args.ensemble)
+    else:
+        members = [check_valid_checkpoint_dir(args.checkpoint)]
+    ckpt = members[0]
+    sources = [m.path for m in members]
+    for m in members:
+        check_model_type(m)
     check_writable(output)
-    check_output_dir(output, args.overwrite, [ckpt.path])
+    check_output_dir(output, args.overwrite, sources)
     quiet_libraries()
     tokenizer = load_tokenizer(ckpt.path)
     check_tokenizer(ckpt, tokenizer)
-    model = load_model(ckpt)
-    model.eval()
+    models = [load_model(m).eval() for m in members]
+    model = ensemble.torch_ensemble(models, weights, args.combine) if args.ensemble else models[0]
     labels = ckpt.labels or [str(i) for i in range(int(model.config.num_labels))]
-    max_length = usable_length(model.config, ckpt.max_length if ckpt.manifest else min(512, tokenizer.model_max_length or 512))
+    max_length = min(
+        usable_length(x.config, m.max_length if m.manifest else min(512, tokenizer.model_max_length or 512))
+        for m, x in zip(members, models)
+    )
     calib = calibration_texts(args, ckpt) if "int8-static" in variants else []
-    labelled = load_labelled_data(labels, ckpt.heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)
+    heldout = ensemble.heldout_of(members, args.data) if args.ensemble else ckpt.heldout
+    labelled = load_labelled_data(labels, heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)
     isa = quantize.detect_isa() if args.int8_isa == "auto" else args.int8_isa
 
-    with atomic_dir(output, args.overwrite, [ckpt.path]) as staging:
+    with atomic_dir(output, args.overwrite, sources) as staging:
         work = staging / ".work"
-        # 2. ONNX export.
+        # 2. ONNX export, 3. graph optimization (each member's, then one ensemble graph).
         t = time.perf_counter()
-        _step(args, f"[1/4] exporting {ckpt.path} ({ckpt.model_type}) to ONNX")
-        raw = onnx_export(ckpt, work / "raw", args.opset)
-        opset, inputs, outputs = graph_info(raw)
-        timings = {"export_s": time.perf_counter() - t}
-
-        # 3. Graph optimization.
-        t = time.perf_counter()
-        _step(args, f"[2/4] optimizing the graph ({args.optimization})")
-        opt_info = optimize(work / "raw", work / "opt", args.optimization, ckpt.model_type)
+        timings = {}
+        if args.ensemble:
+            member_opt = []
+            for i, m in enumerate(members):
+                _step(args, f"[1/4] exporting member {i + 1}/{len(members)} {m.path} ({m.model_type}) to ONNX and optimizing it ({args.optimization})")
+                onnx_export(m, work / f"m{i}" / "raw", args.opset)
+                member_opt.append(optimize(work / f"m{i}" / "raw", work / f"m{i}" / "opt", args.optimization, m.model_type))
+            _step(args, f"[2/4] composing the ensemble graph ({args.combine})")
+            graph = ensemble.compose([work / f"m{i}" / "opt" / "model.onnx" for i in range(len(members))], work / "opt" / "model.onnx", args.combine, weights)
+            raw_dir = work / "m0" / "raw"
+            opt_info = {"level": args.optimization, "members": member_opt, "ensemble": graph}
+            opset, inputs, outputs = graph_info(work / "opt" / "model.onnx")
+        else:
+            _step(args, f"[1/4] exporting {ckpt.path} ({ckpt.model_type}) to ONNX")
+            raw_dir = work / "raw"
+            opset, inputs, outputs = graph_info(onnx_export(ckpt, raw_dir, args.opset))
+            timings["export_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            _step(args, f"[2/4] optimizing the graph ({args.optimization})")
+            opt_info = optimize(raw_dir, work / "opt", args.optimization, ckpt.model_type)
         entries: dict[str, dict[str, Any]] = {}
         fp32 = staging / VARIANT_FILES["fp32"]
         extra = place(work / "opt" / "model.onnx", fp32)
@@ -352,7 +384,7 @@ def export(args: ExportArgs) -> int:
             feeds = [collate([x], tokenizer.pad_token_id or 0, inputs) for x in ids]
             dst = staging / VARIANT_FILES["int8-static"]
             base, static_opt = fp32, opt_info
-            if args.optimization in ("O2", "O3") and ckpt.model_type in fusable_model_types():
+            if not args.ensemble and args.optimization in ("O2", "O3") and ckpt.model_type in fusable_model_types():
                 static_opt = optimize(work / "raw", work / "opt-mha", args.optimization, ckpt.model_type, split_qkv=True)
                 base = work / "opt-mha" / "model.onnx"
             q = quantize.quantize_static_int8(base, work / "int8s.onnx", feeds, isa, args.calibration_method)
@@ -363,7 +395,7 @@ def export(args: ExportArgs) -> int:
             entries["fp16"] = {"optimization": fp16_info, **place(work / "fp16" / "model.onnx", staging / VARIANT_FILES["fp16"])}
         timings["variants_s"] = time.perf_counter() - t
 
-        shutil.copy(work / "raw" / "config.json", staging / "config.json")
+        shutil.copy(raw_dir / "config.json", staging / "config.json")
         tokenizer.save_pretrained(staging)
         shutil.rmtree(work)
 
@@ -398,7 +430,7 @@ def export(args: ExportArgs) -> int:
         manifest = {
             "stage": STAGE,
             "source": {
-                "checkpoint": str(ckpt.path.resolve()),
+                "checkpoint": None if args.ensemble else str(ckpt.path.resolve()),
                 "manifest_sha256": ckpt.manifest_sha256,
                 "model_type": ckpt.model_type,
             },
@@ -419,8 +451,25 @@ def export(args: ExportArgs) -> int:
             "versions": library_versions(*VERSIONS),
             "created": now_iso(),
         }
+        if args.ensemble:
+            manifest["source"] = {"ensemble": [str(m.path.resolve()) for m in members], "model_type": ckpt.model_type}
+            accuracies = ensemble.member_accuracies(models, tokenizer, labelled, max_length, inputs) if labelled else [None] * len(members)
+            manifest["ensemble"] = {
+                "combine": args.combine,
+                "members": [
+                    {"checkpoint": str(m.path.resolve()), "manifest_sha256": m.manifest_sha256, "model_type": m.model_type,
+                     "weight": w, "heldout_accuracy": acc}
+                    for m, w, acc in zip(members, weights, accuracies)
+                ],
+                "heldout_accuracy": pytorch_accuracy(manifest_variants),
+                "heldout_source": labelled.source if labelled else None,
+            }
         write_json(staging / MANIFEST, manifest)
 
+    if args.ensemble:
+        for i, m in enumerate(manifest["ensemble"]["members"], 1):
+            acc = m["heldout_accuracy"]
+            print(f"member {i} {m['checkpoint']}: weight {m['weight']:.3f}, PyTorch accuracy " + ("-" if acc is None else f"{acc:.4f}"))
     print(parity_table(manifest_variants, pytorch_accuracy(manifest_variants)))
     print(f"default variant: cpu={defaults['cpu']} gpu={defaults['gpu']}")
     for name, info in manifest_variants.items():

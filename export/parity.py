@@ -484,12 +484,18 @@ def parity(args: ParityArgs) -> int:
     artifact = check_valid_artifact_dir(args.artifact)
     names = artifact.select(args.variants)
     source = args.checkpoint or (artifact.manifest.get("source") or {}).get("checkpoint")
-    if not source:
+    ensemble_spec = None if args.checkpoint else artifact.manifest.get("ensemble")
+    if not source and not ensemble_spec:
         raise FerryError(f"{artifact.path}: the manifest names no source checkpoint; pass --checkpoint DIR")
-    if not Path(source).is_dir():
+    if source and not Path(source).is_dir():
         raise CheckpointError(f"source checkpoint {source} of {artifact.path} not found; pass --checkpoint DIR")
     quiet_libraries()
-    ckpt, model, tokenizer = load_source(source, "--checkpoint" if args.checkpoint else "source checkpoint")
+    if ensemble_spec:
+        from export.ensemble import load_ensemble
+
+        ckpt, model, tokenizer = load_ensemble(ensemble_spec)
+    else:
+        ckpt, model, tokenizer = load_source(source, "--checkpoint" if args.checkpoint else "source checkpoint")
     if ckpt.labels and ckpt.labels != artifact.labels:
         raise CheckpointError(f"{ckpt.path}: labels {ckpt.labels} differ from the artifact's {artifact.labels}; pass the checkpoint it was exported from")
     labelled = load_labelled_data(artifact.labels, ckpt.heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)

@@ -28,6 +28,8 @@ def opt(
     choices: typing.Sequence[Any] | None = None,
     check: Callable[[Any], str | None] | None = None,
     positional: bool = False,
+    required: bool = True,
+    many: bool = False,
     short: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option.
@@ -38,9 +40,13 @@ def opt(
         choices: allowed values, checked for flags and config files alike.
         check: returns an error message for an invalid value, else None.
         positional: a positional argument instead of a ``--flag``.
+        required: for a positional without a default: whether it must be given (the
+            function then checks what may stand in for it).
+        many: for a list: the flag takes several space-separated values (paths that may
+            hold commas), instead of one comma-separated value.
         short: an optional one-letter alias such as ``-o``.
     """
-    meta = {"help": help, "choices": choices, "check": check, "positional": positional, "short": short}
+    meta = {"help": help, "choices": choices, "check": check, "positional": positional, "required": required, "many": many, "short": short}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -152,6 +158,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         names = [flag_name(f.name)] + ([meta["short"]] if meta.get("short") else [])
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif meta.get("many"):
+            kwargs["metavar"], kwargs["nargs"] = "PATH", "+"
         else:
             kwargs["metavar"] = f.name.upper() if typing.get_origin(base) is not list else "A,B,..."
         # Parse with SUPPRESS (to tell flags from config keys), but show the real default.
@@ -203,7 +211,7 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str) -> 
             continue
         values[name] = value
     for name, f in fields.items():
-        if f.metadata.get("positional") and f.default is None and values.get(name) is None:
+        if f.metadata.get("positional") and f.metadata.get("required") and f.default is None and values.get(name) is None:
             problems.append(f"{name.upper()} is required")
     for name, value in values.items():
         meta = fields[name].metadata

@@ -77,3 +77,19 @@ def test_config_file_errors(tmp_path):
 def test_integer_field_refuses_a_fraction():
     with pytest.raises(ConfigError, match="--epochs must be an integer"):
         p(["x", "--epochs", "1.5"])
+
+
+@dataclasses.dataclass
+class Many:
+    source: str | None = opt(None, "input", positional=True, required=False)
+    paths: list[str] = opt([], "paths", many=True)
+
+
+def test_many_takes_space_separated_values_kept_whole_and_an_optional_positional(tmp_path):
+    o = parse(Many, ["--paths", "runs/a,1", "runs/b"], prog="t", description="d")
+    assert o == Many(None, ["runs/a,1", "runs/b"])  # a comma in a path does not split it
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("paths: [x, y]\n")
+    assert parse(Many, ["--config", str(cfg)], prog="t", description="d").paths == ["x", "y"]
+    with pytest.raises(ConfigError, match="SOURCE is required"):
+        p([])  # a positional without required=False still is

@@ -80,7 +80,7 @@ def train(model, tokenizer, rows, steps: int = 80) -> None:
     model.eval()
 
 
-def make_checkpoint(path: Path, arch: str = "bert", steps: int = 80, vocab_size: int | None = None, tokenizer=None) -> Path:
+def make_checkpoint(path: Path, arch: str = "bert", steps: int = 80, vocab_size: int | None = None, tokenizer=None, seed: int = 0) -> Path:
     """A complete checkpoint as `ferry finetune` writes it: model, tokenizer, ferry.json, held-out and calibration data."""
     from ferry.files import atomic_dir
     from finetune.checkpoint import write_checkpoint
@@ -88,7 +88,7 @@ def make_checkpoint(path: Path, arch: str = "bert", steps: int = 80, vocab_size:
 
     if tokenizer is None:
         tokenizer = roberta_tokenizer(path.parent / f"{path.name}-bpe") if arch == "roberta" else tiny.tokenizer()
-    model = build_model(arch, tokenizer, vocab_size)
+    model = build_model(arch, tokenizer, vocab_size, seed)
     rows = tiny.texts(30, seed=11)
     if steps:
         train(model, tokenizer, rows, steps)
@@ -98,6 +98,19 @@ def make_checkpoint(path: Path, arch: str = "bert", steps: int = 80, vocab_size:
     with atomic_dir(path, overwrite=True) as staging:
         write_checkpoint(staging, model, tokenizer, {"settings": {"max_length": 64}, "labels": LABELS}, heldout, calibration)
     return path
+
+
+def member_probs(ckpt: Path, texts: list[str]) -> "np.ndarray":
+    """A member's softmax probabilities, straight from transformers."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask") or model.config.model_type == "bert"}
+    with torch.inference_mode():
+        return torch.softmax(model(**enc).logits, -1).numpy()
 
 
 def manifest(path: Path) -> dict:
