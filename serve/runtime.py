@@ -290,6 +290,10 @@ class Runtime:
                 "model_type": (m.get("source") or {}).get("model_type"),
                 "source_checkpoint": (m.get("source") or {}).get("checkpoint"),
                 "task": m.get("task"),
+                "ensemble": None if not m.get("ensemble") else {
+                    "combine": m["ensemble"]["combine"],
+                    "members": [x["checkpoint"] for x in m["ensemble"]["members"]],
+                },
             },
             "labels": self.labels,
             "variant": v.name,

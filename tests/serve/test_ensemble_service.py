@@ -33,3 +33,4 @@ def test_served_ensemble_equals_the_mean_of_member_probabilities(tmp_path_factor
     assert got.shape == want.shape == (len(texts), 3)
     assert np.abs(got - want).max() < 1e-5
     assert [res["label"] for res in r.json()["results"]] == [info["labels"][i] for i in want.argmax(-1)]
+    assert info["model"]["ensemble"] == {"combine": "mean", "members": [str(m.resolve()) for m in members]}
