@@ -109,7 +109,7 @@ def heldout_of(members: Sequence[Any], data: str | None) -> Path | None:
     return splits[0]
 
 
-def compose(member_files: Sequence[Path], out: Path, combine: str, weights: Sequence[float]) -> dict[str, Any]:
+def compose(member_files: Sequence[Path], out: Path, combine: str, weights: Sequence[float], num_labels: int) -> dict[str, Any]:
     """One ONNX graph running every member and combining their probabilities (module docstring).
 
     Returns:
@@ -158,9 +158,6 @@ def compose(member_files: Sequence[Path], out: Path, combine: str, weights: Sequ
     nodes.append(helper.make_node("Sum", scaled, ["ens_mean"]))
     combined = "ens_mean"
     if combine == "vote":
-        num_labels = int(models[0].graph.output[0].type.tensor_type.shape.dim[-1].dim_value or 0)
-        if num_labels <= 0:
-            raise CheckpointError("--combine vote: the members' graphs do not state the number of labels")
         hots = []
         for i, p in enumerate(probs):
             nodes.append(helper.make_node("ArgMax", [p], [f"ens_top{i}"], axis=-1, keepdims=0))

@@ -352,7 +352,7 @@ def export(args: ExportArgs) -> int:
                 onnx_export(m, work / f"m{i}" / "raw", args.opset)
                 member_opt.append(optimize(work / f"m{i}" / "raw", work / f"m{i}" / "opt", args.optimization, m.model_type))
             _step(args, f"[2/4] composing the ensemble graph ({args.combine})")
-            graph = ensemble.compose([work / f"m{i}" / "opt" / "model.onnx" for i in range(len(members))], work / "opt" / "model.onnx", args.combine, weights)
+            graph = ensemble.compose([work / f"m{i}" / "opt" / "model.onnx" for i in range(len(members))], work / "opt" / "model.onnx", args.combine, weights, len(labels))
             raw_dir = work / "m0" / "raw"
             opt_info = {"level": args.optimization, "members": member_opt, "ensemble": graph}
             opset, inputs, outputs = graph_info(work / "opt" / "model.onnx")
