@@ -544,6 +544,11 @@ def bench(args: BenchArgs) -> int:
 
     started = time.perf_counter()
     artifact = check_valid_artifact_dir(args.artifact)
+    if artifact.task != "text-classification":
+        raise FerryError(
+            f"{artifact.path}: ferry bench times text artifacts only for now ({artifact.task} is not supported); "
+            "image benchmarks are not implemented yet"
+        )
     names = artifact.select(args.variants)
     output = Path(args.output) if args.output else artifact.path.parent / f"{artifact.path.name}-bench"
     check_output_dir(output, args.overwrite, [artifact.path])  # before minutes of timing, not after

@@ -305,6 +305,12 @@ def export(args: ExportArgs) -> int:
 
     # 1. Check everything before any work.
     ckpt = check_valid_checkpoint_dir(args.checkpoint)
+    if getattr(ckpt, "task", TASK) == "image-classification":
+        from export.image import export_image
+
+        check_writable(output)
+        check_output_dir(output, args.overwrite, [ckpt.path])
+        return export_image(args, ckpt, output, variants)
     check_model_type(ckpt)
     check_writable(output)
     check_output_dir(output, args.overwrite, [ckpt.path])

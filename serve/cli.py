@@ -67,6 +67,9 @@ class ServeArgs:
     )
     max_texts: int = opt(256, "most texts in one request (more: 413)", check=positive)
     max_chars: int = opt(50_000, "most characters in one text (more: 413); texts over max_length tokens are truncated", check=positive)
+    max_images: int = opt(64, "image artifacts: most images in one /classify-image request (more: 413)", check=positive)
+    max_image_bytes: int = opt(10_000_000, "image artifacts: most encoded bytes of one image (more: 413)", check=positive)
+    max_image_pixels: int = opt(40_000_000, "image artifacts: most pixels (width x height) of one image (more: 413)", check=positive)
     timeout: int = opt(120, "seconds before a request is abandoned", check=positive)
     batch_invariance: str = opt(
         "enforce",
@@ -159,7 +162,11 @@ def serve(args: ServeArgs) -> int:
     if args.artifact is None:
         raise ConfigError("ARTIFACT is required")
     # Everything a worker will do at start, done here first, so bad input is one line and no server.
-    runtime = Runtime(
+    from export.artifact import check_valid_artifact_dir
+    from serve.image import ImageRuntime
+
+    image = check_valid_artifact_dir(args.artifact).task == "image-classification"
+    runtime = (ImageRuntime if image else Runtime)(
         args.artifact, args.variant, args.device, args.threads, args.optimization,
         enforce_invariance=args.batch_invariance == "enforce",
     )
@@ -181,6 +188,9 @@ def serve(args: ServeArgs) -> int:
         max_latency_ms=args.max_latency_ms,
         max_texts=args.max_texts,
         max_chars=args.max_chars,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
         timeout_s=args.timeout,
         batch_invariance=args.batch_invariance,
     )
