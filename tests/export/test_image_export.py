@@ -104,3 +104,19 @@ def test_export_refuses_bad_image_checkpoints(tmp_path, capsys):
     (ckpt / "heldout" / "cat").rmdir()
     run_fails(["export", str(ckpt), "--output", str(tmp_path / "c"), *FAST], capsys, "bad.png", "not an image")
     assert not (tmp_path / "c").exists()
+
+
+def test_bench_times_pytorch_and_each_variant_on_images(exported, tmp_path, capsys):
+    _, ckpt, out = exported
+    report = tmp_path / "bench"
+    rc, stdout, _ = run(["bench", str(out), "--output", str(report), "--variants", "fp32,int8-static", "--batch-sizes", "1,4",
+                         "--images", str(ckpt / "heldout"), "--max-seconds", "0.3", "--window-seconds", "0.05", "--quiet",
+                         "--threads", "1"], capsys)
+    assert rc == 0
+    results = json.loads((report / "bench.json").read_text())["results"]
+    cells = sorted((r["engine"], r["batch_size"], r["seq_length"]) for r in results)
+    size = f"{images.SIZE}x{images.SIZE}"
+    assert cells == sorted((e, b, size) for e in ("pytorch-fp32-cpu", "onnx-fp32-cpu", "onnx-int8-static-cpu") for b in (1, 4))
+    assert all(r["sequences_per_s"] > 0 for r in results)
+    run_fails(["bench", str(out), "--output", str(tmp_path / "b2"), "--texts", str(ckpt / "heldout")], capsys,
+              "--texts", "image-classification artifact")
