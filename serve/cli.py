@@ -125,8 +125,10 @@ def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
         variant.verify()  # never store a modified model file
     m = artifact.manifest
     metadata = {
+        "task": artifact.task,
         "labels": artifact.labels,
-        "max_length": artifact.max_length,
+        # BentoML metadata takes no None: the input shape entry of the task only
+        **({"image_size": m.get("image_size") or {}} if artifact.task == "image-classification" else {"max_length": artifact.max_length}),
         "default_variant": m.get("default_variant") or {},
         "variants": {
             n: {"precision": v.info.get("precision"), "status": v.status, "batch_invariant": v.info.get("batch_invariant")}
@@ -203,7 +205,7 @@ def serve(args: ServeArgs) -> int:
         settings.artifact = None
         print(f"ferry serve: registered the artifact as {settings.model_tag}; serving it from the model store", file=sys.stderr)
     print(
-        f"ferry serve: http://{args.host}:{args.port} (POST /classify, GET /info, /readyz, /metrics), "
+        f"ferry serve: http://{args.host}:{args.port} (POST {'/classify-image' if image else '/classify'}, GET /info, /readyz, /metrics), "
         f"max_batch_size={batch}, max_latency_ms={latency}, workers={workers}; Ctrl-C stops it",
         file=sys.stderr,
     )

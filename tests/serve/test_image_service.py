@@ -113,3 +113,16 @@ def test_limits_are_413(server):
 def test_text_route_on_an_image_server_is_4xx(server):
     r = httpx.post(server.url + "/classify", json={"texts": ["hello"]}, timeout=10)
     assert r.status_code == 400 and "/classify-image" in r.json()["error"]
+
+
+def test_store_registers_an_image_artifact(image_artifact, bentoml_home, capsys):
+    import yaml
+
+    assert main(["store", str(image_artifact), "--name", "ferry-image"]) == 0
+    tag = capsys.readouterr().out.strip().splitlines()[-1]
+    name, version = tag.split(":")
+    stored = bentoml_home / "models" / name / version
+    assert (stored / "preprocessor_config.json").read_bytes() == (image_artifact / "preprocessor_config.json").read_bytes()
+    meta = yaml.safe_load((stored / "model.yaml").read_text())["metadata"]
+    assert meta["task"] == "image-classification" and meta["labels"] == images.LABELS and meta["image_size"] == {"height": images.SIZE, "width": images.SIZE}
+    assert "max_length" not in meta
