@@ -131,7 +131,8 @@ def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
         **({"image_size": m.get("image_size") or {}} if artifact.task == "image-classification" else {"max_length": artifact.max_length}),
         "default_variant": m.get("default_variant") or {},
         "variants": {
-            n: {"precision": v.info.get("precision"), "status": v.status, "batch_invariant": v.info.get("batch_invariant")}
+            n: {k: x for k, x in (("precision", v.info.get("precision")), ("status", v.status),
+                                  ("batch_invariant", v.info.get("batch_invariant"))) if x is not None}  # unmeasured (fp16 without CUDA): absent
             for n, v in artifact.variants.items()
         },
         "source_model_type": (m.get("source") or {}).get("model_type"),
