@@ -1,14 +1,16 @@
 """The artifact format, written by `ferry export` and read by parity, bench and serve.
 
-An artifact directory holds one ``.onnx`` file per variant, the tokenizer and config of
-the source checkpoint, and ``ferry.json`` (written last)::
+An artifact directory holds one ``.onnx`` file per variant, the tokenizer (text) or
+``preprocessor_config.json`` (images) and config of the source checkpoint, and ``ferry.json`` (written last)::
 
     {
       "stage": "export",
       "source": {"checkpoint": str, "manifest_sha256": str | null, "model_type": str},
-      "task": "text-classification",
+      "task": "text-classification" | "image-classification",
       "labels": [str, ...],             # id order
-      "max_length": int,
+      "max_length": int,                 # text only
+      "image_size": {"height", "width"}, "processor": "preprocessor_config.json",
+      "exporter": str,                   # image only (torch.onnx.export)
       "opset": int,
       "inputs": [str, ...], "outputs": ["logits"],
       "variants": {
@@ -94,6 +96,17 @@ class Artifact:
     @property
     def labels(self) -> list[str]:
         return list(self.manifest["labels"])
+
+    @property
+    def task(self) -> str:
+        """"text-classification" or "image-classification" (artifacts before images: text)."""
+        return str(self.manifest.get("task") or "text-classification")
+
+    @property
+    def processor(self) -> Path | None:
+        """The image preprocessor_config.json of an image artifact."""
+        p = self.path / "preprocessor_config.json"
+        return p if self.task == "image-classification" and p.is_file() else None
 
     @property
     def max_length(self) -> int:

@@ -59,9 +59,13 @@ class BenchArgs:
     checkpoint: str | None = opt(None, "the PyTorch checkpoint (default: the artifact's source)")
     device: str = opt("auto", "cpu engines only, cuda engines only, or auto (CPU, and CUDA when usable)", choices=("auto", "cpu", "cuda"))
     batch_sizes: list[int] = opt([1, 8, 32, 64], "batch sizes of the grid", check=_all_positive)
-    seq_lengths: list[int] = opt([16, 64, 128, 256], "sequence lengths of the grid (tokens per text, all real)", check=_all_positive)
+    seq_lengths: list[int] = opt(
+        [16, 64, 128, 256], "sequence lengths of the grid (tokens per text, all real); an image artifact's grid is "
+        "--batch-sizes at its one image size (this option is ignored)", check=_all_positive,
+    )
     texts: str | None = opt(None, "real texts (.txt one per line, or .csv/.tsv/.jsonl/.parquet): natural lengths instead of --seq-lengths")
     text_column: str = opt("text", "text column of --texts")
+    images: str | None = opt(None, "image artifacts: real images (a <label>/<image> folder) instead of random pixels")
     threads: int | None = opt(None, "threads for PyTorch and ONNX Runtime alike (default: the physical cores)", check=positive)
     warmup: int = opt(1, "untimed calls per engine and cell", check=lambda v: None if v >= 0 else "must be >= 0")
     max_seconds: float = opt(4.0, "time limit per cell (all engines together), after warm-up", check=positive)
@@ -289,6 +293,53 @@ def text_cells(tokenizer: Any, texts: Sequence[str], batch_sizes: Sequence[int],
         groups = [ids[i : i + b] for i in range(0, len(ids), b)]
         groups = [g for g in groups if len(g) == b] or [(ids * b)[:b]]
         cells.append(Cell(b, "natural", [collate(g, pad_id(tokenizer), input_names) for g in groups], [sum(map(len, g)) for g in groups]))
+    return cells
+
+
+def text_grid(artifact: Any, args: BenchArgs, model: Any) -> list[Cell]:
+    """The cells of a text artifact: --texts at natural lengths, else batch sizes x --seq-lengths."""
+    from export.parity import usable_length
+    from finetune.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(artifact.path)
+    max_length = artifact.max_length
+    positions = usable_length(json.loads((artifact.path / "config.json").read_text()), 10**9) if (artifact.path / "config.json").is_file() else max_length
+    if args.texts:
+        from export.inputs import read_texts
+
+        cells = text_cells(tokenizer, read_texts(args.texts, args.text_column), args.batch_sizes, max_length, artifact.manifest["inputs"])
+        dropped: list[int] = []
+    else:
+        vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer)) if model is not None else len(tokenizer)
+        cells, dropped = grid_cells(tokenizer, vocab, args.batch_sizes, args.seq_lengths, positions, artifact.manifest["inputs"], args.seed)
+        if not cells:
+            raise ConfigError(f"--seq-lengths: all above the model's {positions} positions")
+        if dropped:
+            print(f"warning: --seq-lengths {','.join(map(str, dropped))} exceed the model's {positions} positions; skipped", file=sys.stderr)
+
+    return cells
+
+
+def image_cells(artifact: Any, batch_sizes: Sequence[int], folder: str | None, seed: int) -> list[Cell]:
+    """The cells of an image artifact: one per batch size at the model's one image size.
+
+    Random normalized pixels, or with ``folder`` real images preprocessed by
+    ``finetune.images.preprocess`` (timed: the model only, as for texts). Sequence lengths
+    do not apply; ``seq_length`` holds the image size and "tokens" count images.
+    """
+    size = artifact.manifest.get("image_size") or {}
+    h, w = int(size["height"]), int(size["width"])
+    if folder:
+        from finetune.images import load_processor, open_image, preprocess, read_image_folder
+
+        files, _ = read_image_folder(folder, "--images")
+        pixels = preprocess([open_image(f, str(f)) for f in files[: max(batch_sizes)]], load_processor(artifact.path))
+    else:
+        pixels = np.random.default_rng(seed).standard_normal((max(batch_sizes), 3, h, w)).astype(np.float32)
+    cells = []
+    for b in batch_sizes:
+        batch = np.resize(pixels, (b, 3, h, w))  # repeats the images when the folder has fewer than b
+        cells.append(Cell(b, f"{h}x{w}", [{"pixel_values": batch}], [b]))
     return cells
 
 
@@ -539,11 +590,16 @@ def bench(args: BenchArgs) -> int:
     if not args.artifact:
         raise ConfigError("ARTIFACT is required (or --compare A.json B.json)")
     from export.export import quiet_libraries
-    from export.parity import default_threads, text_table, usable_length
+    from export.parity import default_threads, text_table
     from export.session import cuda_usable
 
     started = time.perf_counter()
     artifact = check_valid_artifact_dir(args.artifact)
+    image = artifact.task == "image-classification"
+    if image and args.texts:
+        raise ConfigError(f"--texts: {artifact.path} is an image-classification artifact; pass --images DIR (a <label>/<image> folder)")
+    if args.images and not image:
+        raise ConfigError(f"--images: {artifact.path} is a {artifact.task} artifact; pass --texts FILE")
     names = artifact.select(args.variants)
     output = Path(args.output) if args.output else artifact.path.parent / f"{artifact.path.name}-bench"
     check_output_dir(output, args.overwrite, [artifact.path])  # before minutes of timing, not after
@@ -554,43 +610,20 @@ def bench(args: BenchArgs) -> int:
 
     torch.set_num_threads(threads)
     model = None
-    source = args.checkpoint or (artifact.manifest.get("source") or {}).get("checkpoint")
-    ensemble_spec = None if args.checkpoint else artifact.manifest.get("ensemble")
-    if args.pytorch and ensemble_spec:
-        from export.ensemble import load_ensemble
+    source = None
+    if args.pytorch:
+        from export.parity import load_artifact_source
 
-        _, model, _ = load_ensemble(ensemble_spec)
-        source = "ensemble of " + ", ".join(m["checkpoint"] for m in ensemble_spec["members"])
-    elif args.pytorch:
-        if not source or not Path(source).is_dir():
-            raise CheckpointError(
-                f"source checkpoint {source} of {artifact.path} not found; pass --checkpoint DIR, or --no-pytorch (no speedups then)"
-            )
-        from export.parity import load_source
-
-        _, model, _ = load_source(source, "--checkpoint" if args.checkpoint else "source checkpoint")
-    from finetune.checkpoint import load_tokenizer
-
-    tokenizer = load_tokenizer(artifact.path)
+        _, model, _, source = load_artifact_source(artifact, args.checkpoint, " or --no-pytorch (no speedups then)")
     torch_cuda = torch.cuda.is_available()
     ort_cuda = cuda_usable()
     variants = {n: artifact.variants[n].info.get("precision", "fp32") for n in names}
     specs, skipped = plan_engines(variants, args.device, args.pytorch, torch_cuda, ort_cuda)
 
-    max_length = artifact.max_length
-    positions = usable_length(json.loads((artifact.path / "config.json").read_text()), 10**9) if (artifact.path / "config.json").is_file() else max_length
-    if args.texts:
-        from export.inputs import read_texts
-
-        cells = text_cells(tokenizer, read_texts(args.texts, args.text_column), args.batch_sizes, max_length, artifact.manifest["inputs"])
-        dropped: list[int] = []
+    if image:
+        cells = image_cells(artifact, args.batch_sizes, args.images, args.seed)
     else:
-        vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer)) if model is not None else len(tokenizer)
-        cells, dropped = grid_cells(tokenizer, vocab, args.batch_sizes, args.seq_lengths, positions, artifact.manifest["inputs"], args.seed)
-        if not cells:
-            raise ConfigError(f"--seq-lengths: all above the model's {positions} positions")
-        if dropped:
-            print(f"warning: --seq-lengths {','.join(map(str, dropped))} exceed the model's {positions} positions; skipped", file=sys.stderr)
+        cells = text_grid(artifact, args, model)
 
     engines = []
     for spec in specs:
@@ -620,7 +653,7 @@ def bench(args: BenchArgs) -> int:
         "stage": "bench",
         "artifact": str(artifact.path),
         "artifact_manifest_sha256": sha256_file(artifact.path / "ferry.json"),
-        "checkpoint": source if args.pytorch else None,
+        "checkpoint": source,
         "command": command,
         "machine": {**machine, "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "threads": threads,

@@ -66,7 +66,7 @@ def check_members(paths: Sequence[str]) -> list[Any]:
         ConfigError: fewer than two members, or the same directory twice.
         CheckpointError: a member that is not a checkpoint, or that differs from the first.
     """
-    from finetune.checkpoint import check_valid_checkpoint_dir
+    from finetune.checkpoint import TEXT, check_valid_checkpoint_dir
 
     if len(paths) < 2:
         raise ConfigError(f"--ensemble needs at least 2 checkpoints, got {len(paths)}")
@@ -74,6 +74,9 @@ def check_members(paths: Sequence[str]) -> list[Any]:
     if len(set(resolved)) != len(resolved):
         raise ConfigError("--ensemble names the same checkpoint twice")
     members = [check_valid_checkpoint_dir(p, "--ensemble") for p in paths]
+    for m in members:
+        if m.task != TEXT:
+            raise CheckpointError(f"--ensemble {m.path}: a {m.task} checkpoint; ensembles combine text classifiers only")
     first = members[0]
     signature = tokenizer_signature(first.path)
     for m in members[1:]:

@@ -321,6 +321,12 @@ def export(args: ExportArgs) -> int:
         members = [check_valid_checkpoint_dir(args.checkpoint)]
     ckpt = members[0]
     sources = [m.path for m in members]
+    if not args.ensemble and ckpt.task == "image-classification":
+        from export.image import export_image
+
+        check_writable(output)
+        check_output_dir(output, args.overwrite, sources)
+        return export_image(args, ckpt, output, variants)
     for m in members:
         check_model_type(m)
     check_writable(output)

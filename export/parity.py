@@ -210,11 +210,19 @@ class Reference:
     batch_index: list[list[int]]
     labelled: Labelled | None
     logits: np.ndarray | None  # held-out logits in text order
-    invariance_texts: list[list[int]]  # token ids of the texts used for batch invariance
+    invariance_texts: list[Any]  # the inputs used for batch invariance (token ids, or one image's pixels)
     num_labels: int
     labels: list[str]
     pad: int
     input_names: list[str]
+    # Feeds of a batch of invariance inputs: the one task-specific seam (text pads token ids,
+    # images stack pixel arrays); None means the text collation.
+    batch_of: Callable[[list[Any]], dict[str, np.ndarray]] | None = None
+
+    def collate(self, items: list[Any]) -> dict[str, np.ndarray]:
+        if self.batch_of is not None:
+            return self.batch_of(items)
+        return collate(items, self.pad, self.input_names)
 
 
 def build_reference(
@@ -247,14 +255,14 @@ def batch_invariance(run: Callable[[dict[str, np.ndarray]], np.ndarray], ref: Re
     Invariant when no label flips and max |Δprobability| <= ``tol``.
     """
     ids = ref.invariance_texts
-    alone = np.concatenate([softmax(run(collate([x], ref.pad, ref.input_names))) for x in ids])
+    alone = np.concatenate([softmax(run(ref.collate([x]))) for x in ids])
     rng = np.random.default_rng(seed)
     worst, flips, compared = 0.0, 0, 0
     for size in (8, len(ids)):
         order = rng.permutation(len(ids))
         for start in range(0, len(ids), size):
             ix = order[start : start + size]
-            probs = softmax(run(collate([ids[i] for i in ix], ref.pad, ref.input_names)))
+            probs = softmax(run(ref.collate([ids[i] for i in ix])))
             worst = max(worst, float(np.abs(probs - alone[ix]).max()))
             flips += int((probs.argmax(-1) != alone[ix].argmax(-1)).sum())
             compared += len(ix)
@@ -335,7 +343,7 @@ def check_variant(
         rand = np.concatenate([d.ravel() for d in diffs])
         result["checks"] = {"output_names": "ok", "shapes": "ok"}
         result["random"] = {
-            "cases": [list(c["input_ids"].shape) for c in ref.cases],
+            "cases": [list(next(iter(c.values())).shape) for c in ref.cases],
             "max_abs_diff": float(rand.max()),
             "mean_abs_diff": float(rand.mean()),
             "agreement": agree / total,
@@ -465,15 +473,38 @@ def pytorch_accuracy(variants: dict[str, dict[str, Any]]) -> float | None:
 # ---------------------------------------------------------------- `ferry parity`
 
 
-def load_source(checkpoint: str | Path, flag: str) -> tuple[Any, Any, Any]:
-    """(Checkpoint, PyTorch model in eval mode, tokenizer) of a checkpoint directory."""
+def load_source(checkpoint: str | Path, flag: str, tokenizer: bool = True) -> tuple[Any, Any, Any]:
+    """(Checkpoint, PyTorch model in eval mode, tokenizer or None) of a checkpoint directory."""
     from finetune.checkpoint import check_valid_checkpoint_dir, load_model, load_tokenizer
 
     ckpt = check_valid_checkpoint_dir(checkpoint, flag)
     model = load_model(ckpt)
     model.eval()
-    tokenizer = load_tokenizer(ckpt.path)
-    return ckpt, model, tokenizer
+    return ckpt, model, load_tokenizer(ckpt.path) if tokenizer else None
+
+
+def load_artifact_source(artifact: Any, checkpoint: str | None, hint: str = "") -> tuple[Any, Any, Any, str]:
+    """(Checkpoint, PyTorch model, tokenizer or None, its name) that an artifact was exported from.
+
+    ``checkpoint`` (the --checkpoint flag) wins; else an ensemble artifact's members
+    (combined as in the graph), else the manifest's source checkpoint.
+
+    Raises:
+        CheckpointError: no source recorded, or it is gone; ``hint`` adds an alternative flag.
+    """
+    ensemble_spec = None if checkpoint else artifact.manifest.get("ensemble")
+    if ensemble_spec:
+        from export.ensemble import load_ensemble
+
+        ckpt, model, tokenizer = load_ensemble(ensemble_spec)
+        return ckpt, model, tokenizer, "ensemble of " + ", ".join(m["checkpoint"] for m in ensemble_spec["members"])
+    source = checkpoint or (artifact.manifest.get("source") or {}).get("checkpoint")
+    if not source or not Path(source).is_dir():
+        found = f"source checkpoint {source} of {artifact.path} not found" if source else f"{artifact.path}: the manifest names no source checkpoint"
+        raise CheckpointError(f"{found}; pass --checkpoint DIR{hint}")
+    image = artifact.task == "image-classification"
+    ckpt, model, tokenizer = load_source(source, "--checkpoint" if checkpoint else "source checkpoint", tokenizer=not image)
+    return ckpt, model, tokenizer, str(source)
 
 
 def parity(args: ParityArgs) -> int:
@@ -483,24 +514,19 @@ def parity(args: ParityArgs) -> int:
 
     artifact = check_valid_artifact_dir(args.artifact)
     names = artifact.select(args.variants)
-    source = args.checkpoint or (artifact.manifest.get("source") or {}).get("checkpoint")
-    ensemble_spec = None if args.checkpoint else artifact.manifest.get("ensemble")
-    if not source and not ensemble_spec:
-        raise FerryError(f"{artifact.path}: the manifest names no source checkpoint; pass --checkpoint DIR")
-    if source and not Path(source).is_dir():
-        raise CheckpointError(f"source checkpoint {source} of {artifact.path} not found; pass --checkpoint DIR")
     quiet_libraries()
-    if ensemble_spec:
-        from export.ensemble import load_ensemble
-
-        ckpt, model, tokenizer = load_ensemble(ensemble_spec)
-    else:
-        ckpt, model, tokenizer = load_source(source, "--checkpoint" if args.checkpoint else "source checkpoint")
+    image = artifact.task == "image-classification"
+    ckpt, model, tokenizer, _ = load_artifact_source(artifact, args.checkpoint)
     if ckpt.labels and ckpt.labels != artifact.labels:
         raise CheckpointError(f"{ckpt.path}: labels {ckpt.labels} differ from the artifact's {artifact.labels}; pass the checkpoint it was exported from")
-    labelled = load_labelled_data(artifact.labels, ckpt.heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)
-    paths = {n: artifact.variants[n].path for n in names}
-    results = run_parity(paths, model, tokenizer, artifact.labels, labelled, artifact.max_length, artifact.manifest["inputs"], args, args.device)
+    if image:
+        from export.image import parity_image
+
+        results = parity_image(args, artifact, ckpt, model)
+    else:
+        labelled = load_labelled_data(artifact.labels, ckpt.heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)
+        paths = {n: artifact.variants[n].path for n in names}
+        results = run_parity(paths, model, tokenizer, artifact.labels, labelled, artifact.max_length, artifact.manifest["inputs"], args, args.device)
     shown = {}
     for name, res in results.items():
         info = dict(artifact.variants[name].info)

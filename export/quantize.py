@@ -150,12 +150,14 @@ class _Reader:
 
 
 def quantize_static_int8(
-    src: Path, dst: Path, feeds: list[dict[str, Any]], isa: str, method: str = "minmax", percentile: float = 99.999
+    src: Path, dst: Path, feeds: list[dict[str, Any]], isa: str, method: str = "minmax", percentile: float = 99.999,
+    conv: bool = False,
 ) -> dict[str, Any]:
-    """Static QDQ int8 calibrated on ``feeds`` (one input dict per calibration text).
+    """Static QDQ int8 calibrated on ``feeds`` (one input dict per calibration text or image).
 
-    Only MatMuls with a constant weight are quantized: LayerNorm, GELU and Softmax
-    inputs, the attention core and the classifier head stay fp32.
+    Only MatMuls with a constant weight are quantized (and, with ``conv``, every Conv: the
+    bulk of a CNN's compute): LayerNorm, GELU and Softmax inputs, the attention core and
+    the classifier head stay fp32.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
@@ -166,7 +168,8 @@ def quantize_static_int8(
     big = model_bytes(src) > TWO_GB
     model = onnx.load(str(src), load_external_data=True)
     linear, attention = _linear_matmuls(model)
-    _declare_float_tensors(model, set(linear))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"] if conv else []
+    _declare_float_tensors(model, set(linear) | set(convs))
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[method]
     extra: dict[str, Any] = {
         "DefaultTensorType": onnx.TensorProto.FLOAT,
@@ -187,8 +190,8 @@ def quantize_static_int8(
         dst,
         _Reader(feeds),
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_quantize=linear,
+        op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"],
+        nodes_to_quantize=linear + convs,
         nodes_to_exclude=attention,
         per_channel=True,
         reduce_range=params["reduce_range"],
@@ -205,6 +208,6 @@ def quantize_static_int8(
         "per_channel": True,
         **params,
         "calibration": {"method": method, "samples": len(feeds), **({"percentile": percentile} if method == "percentile" else {})},
-        "quantized_nodes": len(linear),
+        "quantized_nodes": len(linear) + len(convs),
         "fp32_kept": "LayerNorm, GELU, Softmax inputs, the attention core, the pooler and classifier head",
     }

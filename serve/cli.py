@@ -67,6 +67,9 @@ class ServeArgs:
     )
     max_texts: int = opt(256, "most texts in one request (more: 413)", check=positive)
     max_chars: int = opt(50_000, "most characters in one text (more: 413); texts over max_length tokens are truncated", check=positive)
+    max_images: int = opt(64, "image artifacts: most images in one /classify-image request (more: 413)", check=positive)
+    max_image_bytes: int = opt(10_000_000, "image artifacts: most encoded bytes of one image (more: 413)", check=positive)
+    max_image_pixels: int = opt(40_000_000, "image artifacts: most pixels (width x height) of one image (more: 413)", check=positive)
     timeout: int = opt(120, "seconds before a request is abandoned", check=positive)
     batch_invariance: str = opt(
         "enforce",
@@ -122,11 +125,14 @@ def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
         variant.verify()  # never store a modified model file
     m = artifact.manifest
     metadata = {
+        "task": artifact.task,
         "labels": artifact.labels,
-        "max_length": artifact.max_length,
+        # BentoML metadata takes no None: the input shape entry of the task only
+        **({"image_size": m.get("image_size") or {}} if artifact.task == "image-classification" else {"max_length": artifact.max_length}),
         "default_variant": m.get("default_variant") or {},
         "variants": {
-            n: {"precision": v.info.get("precision"), "status": v.status, "batch_invariant": v.info.get("batch_invariant")}
+            n: {k: x for k, x in (("precision", v.info.get("precision")), ("status", v.status),
+                                  ("batch_invariant", v.info.get("batch_invariant"))) if x is not None}  # unmeasured (fp16 without CUDA): absent
             for n, v in artifact.variants.items()
         },
         "source_model_type": (m.get("source") or {}).get("model_type"),
@@ -159,7 +165,11 @@ def serve(args: ServeArgs) -> int:
     if args.artifact is None:
         raise ConfigError("ARTIFACT is required")
     # Everything a worker will do at start, done here first, so bad input is one line and no server.
-    runtime = Runtime(
+    from export.artifact import check_valid_artifact_dir
+    from serve.image import ImageRuntime
+
+    image = check_valid_artifact_dir(args.artifact).task == "image-classification"
+    runtime = (ImageRuntime if image else Runtime)(
         args.artifact, args.variant, args.device, args.threads, args.optimization,
         enforce_invariance=args.batch_invariance == "enforce",
     )
@@ -181,6 +191,9 @@ def serve(args: ServeArgs) -> int:
         max_latency_ms=args.max_latency_ms,
         max_texts=args.max_texts,
         max_chars=args.max_chars,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
         timeout_s=args.timeout,
         batch_invariance=args.batch_invariance,
     )
@@ -193,7 +206,7 @@ def serve(args: ServeArgs) -> int:
         settings.artifact = None
         print(f"ferry serve: registered the artifact as {settings.model_tag}; serving it from the model store", file=sys.stderr)
     print(
-        f"ferry serve: http://{args.host}:{args.port} (POST /classify, GET /info, /readyz, /metrics), "
+        f"ferry serve: http://{args.host}:{args.port} (POST {'/classify-image' if image else '/classify'}, GET /info, /readyz, /metrics), "
         f"max_batch_size={batch}, max_latency_ms={latency}, workers={workers}; Ctrl-C stops it",
         file=sys.stderr,
     )

@@ -156,11 +156,19 @@ def select_variant(artifact: Artifact, name: str | None, device: str, notes: lis
 
 
 def check_startup(path: str | Path, variant: str | None, device: str) -> Variant:
-    """What the server checks before it starts workers: artifact, variant, model sha256, tokenizer."""
+    """What the server checks before it starts workers: artifact, variant, model sha256, tokenizer (or image processor)."""
     artifact = check_valid_artifact_dir(path)
     v = select_variant(artifact, variant, resolve_device(device))
     v.verify()
-    load_tokenizer(artifact, artifact.max_length)
+    if artifact.task == "image-classification":
+        from finetune.images import load_processor
+
+        try:
+            load_processor(artifact.path)
+        except FerryError as e:
+            raise ArtifactError(str(e)) from None
+    else:
+        load_tokenizer(artifact, artifact.max_length)
     return v
 
 

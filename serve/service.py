@@ -38,7 +38,8 @@ from typing import Annotated, Any, Awaitable, Callable
 
 import bentoml
 from annotated_types import Len, MaxLen
-from bentoml.exceptions import ServiceUnavailable
+import numpy as np
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -58,7 +59,8 @@ except FerryError as e:  # a bad FERRY_* variable: one line, not a traceback fro
     raise SystemExit(2) from None
 DEVICE = resolve_device(SETTINGS.device)
 MAX_BATCH_SIZE, MAX_LATENCY_MS = SETTINGS.batching(DEVICE)
-MAX_BODY_BYTES = SETTINGS.max_texts * SETTINGS.max_chars * 6 + 65536  # \uXXXX escapes take 6 bytes a char
+# \uXXXX escapes take 6 bytes a char; base64 4 bytes per 3
+MAX_BODY_BYTES = max(SETTINGS.max_texts * SETTINGS.max_chars * 6, SETTINGS.max_images * SETTINGS.max_image_bytes * 4 // 3) + 65536
 KEYS = ("texts", "return_all_scores")
 
 _metrics: dict[str, Any] = {}
@@ -180,7 +182,15 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def is_image_server() -> bool:
+    from serve.image import ImageRuntime
+
+    return isinstance(bentoml.get_current_service().runtime, ImageRuntime)
+
+
 async def classify(request: Request) -> JSONResponse:
+    if is_image_server():
+        return error(HTTPStatus.BAD_REQUEST, "this server serves an image-classification model; POST images to /classify-image")
     try:
         texts, return_all = parse_request(await read_body(request))
     except RequestError as e:
@@ -198,6 +208,65 @@ async def classify(request: Request) -> JSONResponse:
     return JSONResponse({"results": results})
 
 
+_image_infer: Callable[..., Awaitable[Any]] | None = None
+
+
+def image_batcher(request: Request) -> Callable[[list[Any]], Awaitable[Any]]:
+    """The batch_image endpoint's adaptive batcher, called in process (see :func:`batcher`)."""
+    global _image_infer, _gate
+    if _image_infer is None:
+        for route in getattr(request.scope.get("router"), "routes", []):
+            factory = getattr(getattr(getattr(route, "endpoint", None), "func", None), "__self__", None)
+            if getattr(route, "name", None) == "batch_image" and hasattr(factory, "batch_infer"):
+                _image_infer = functools.partial(factory.batch_infer, "batch_image")
+                if "batch_image" in getattr(factory, "dispatchers", {}):
+                    cap_cork_wait(factory.dispatchers["batch_image"].optimizer)
+                _gate = _gate or TextGate(2 * MAX_BATCH_SIZE)
+                break
+        else:
+            raise RuntimeError("BentoML's batch_image endpoint was not found in the app's routes; is bentoml < 1.5?")
+    infer = _image_infer
+    return lambda pixels: infer((np.stack(pixels),), {})
+
+
+async def classify_image(request: Request) -> JSONResponse:
+    """POST /classify-image: multipart ``images`` files or JSON base64 ``images`` (serve/image.py)."""
+    import anyio
+
+    from serve.image import ImageRequestError, parse_json, parse_multipart
+
+    if not is_image_server():
+        return error(HTTPStatus.BAD_REQUEST, "this server serves a text-classification model; POST texts to /classify")
+    rt = bentoml.get_current_service().runtime
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if kind not in ("multipart/form-data", "application/json"):
+            raise ImageRequestError(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                f"content type '{kind or 'none'}': send multipart/form-data with 'images' files, or application/json "
+                '{"images": ["<base64>", ...]}',
+            )
+        body = await read_body(request)
+        limits = (SETTINGS.max_images, SETTINGS.max_image_bytes)
+        raws, return_all = await parse_multipart(request.headers, body, *limits) if kind == "multipart/form-data" else parse_json(body, *limits)
+        # Decoding and resizing are CPU work: off the event loop.
+        pixels = await anyio.to_thread.run_sync(
+            lambda: [rt.decode(raw, f"images[{i}]", SETTINGS.max_image_pixels) for i, raw in enumerate(raws)]
+        )
+    except RequestError as e:
+        return error(e.status, str(e))
+    except ImageRequestError as e:
+        return error(e.status, str(e))
+    try:
+        probs = await in_chunks(image_batcher(request), pixels, MAX_BATCH_SIZE, _gate, MAX_LATENCY_MS / 1000)
+    except (ServiceUnavailable, Overloaded):
+        return error(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            f"server overloaded: the request would wait more than max_latency_ms={MAX_LATENCY_MS}; retry later",
+        )
+    return JSONResponse({"results": [rt.format(p, return_all) for p in probs]})
+
+
 async def info(request: Request) -> JSONResponse:
     svc = bentoml.get_current_service()
     body = svc.runtime.info()
@@ -207,6 +276,9 @@ async def info(request: Request) -> JSONResponse:
         "max_latency_ms": MAX_LATENCY_MS,
         "max_texts": SETTINGS.max_texts,
         "max_chars": SETTINGS.max_chars,
+        "max_images": SETTINGS.max_images,
+        "max_image_bytes": SETTINGS.max_image_bytes,
+        "max_image_pixels": SETTINGS.max_image_pixels,
         "workers": SETTINGS.workers,
     }
     return JSONResponse(body)
@@ -225,7 +297,11 @@ def model_path() -> tuple[str, str | None]:
     return model.path, str(model.tag)
 
 
-routes = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route("/info", info, methods=["GET"])])
+routes = Starlette(routes=[
+    Route("/classify", classify, methods=["POST"]),
+    Route("/classify-image", classify_image, methods=["POST"]),
+    Route("/info", info, methods=["GET"]),
+])
 
 
 @bentoml.service(
@@ -253,7 +329,11 @@ class Ferry:
     def __init__(self) -> None:
         path, self.model_tag = model_path()
         try:
-            self.runtime = Runtime(
+            from export.artifact import check_valid_artifact_dir
+            from serve.image import ImageRuntime
+
+            image = check_valid_artifact_dir(path).task == "image-classification"
+            self.runtime = (ImageRuntime if image else Runtime)(
                 path,
                 variant=SETTINGS.variant,
                 device=SETTINGS.device,
@@ -289,9 +369,18 @@ class Ferry:
         self, texts: Annotated[list[Annotated[str, MaxLen(SETTINGS.max_chars)]], Len(1, MAX_BATCH_SIZE)]
     ) -> list[dict[str, Any]]:
         """Probabilities per text for a merged batch (texts of concurrent requests)."""
+        if not hasattr(self.runtime, "run_batch"):
+            raise InvalidArgument("this server serves an image-classification model; POST images to /classify-image")
         b = self.runtime.run_batch(texts)
         m = metrics()
         m["texts"].observe(len(texts))
         m["tokens"].observe(sum(b.tokens))
         m["padded"].observe(b.padded_tokens)
         return [{"probs": p.tolist(), "truncated": t} for p, t in zip(b.probs, b.truncated)]
+
+    @bentoml.api(route="/batch-image", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def batch_image(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities per image for a merged batch of preprocessed pixels ``[N, 3, H, W]``."""
+        if not hasattr(self.runtime, "run_pixels"):
+            raise InvalidArgument("this server serves a text-classification model; POST texts to /classify")
+        return self.runtime.run_pixels(pixels)

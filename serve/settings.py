@@ -43,6 +43,9 @@ class ServeSettings:
     max_latency_ms: int | None = None
     max_texts: int = 256
     max_chars: int = 50_000
+    max_images: int = 64  # images per /classify-image request
+    max_image_bytes: int = 10_000_000  # encoded bytes of one image
+    max_image_pixels: int = 40_000_000  # width x height of one image (a decompression bomb is refused)
     timeout_s: int = 120
     batch_invariance: str = "enforce"  # or "variant": serve a batch-dependent variant batched anyway
 

@@ -70,3 +70,64 @@ def write_csv(path: Path, rows: list[tuple[str, str]], text_column: str = "text"
         w.writerow([text_column, label_column])
         w.writerows(rows)
     return path
+
+
+# Images: three classes a tiny model tells apart (a dominant colour and a stripe direction each).
+IMAGE_CLASSES = {"red": ((200, 40, 40), "h"), "green": ((40, 180, 60), "v"), "blue": ((40, 60, 200), "d")}
+
+
+def image(label: str, size: int = 20, seed: int = 0):
+    """One noisy PIL image of class ``label``."""
+    import numpy as np
+    from PIL import Image
+
+    colour, stripes = IMAGE_CLASSES[label]
+    rng = np.random.default_rng(seed)
+    a = np.empty((size, size, 3), dtype=np.float64)
+    a[:] = colour
+    y, x = np.mgrid[0:size, 0:size]
+    mask = {"h": y % 4 < 2, "v": x % 4 < 2, "d": (x + y) % 4 < 2}[stripes]
+    a[mask] *= 0.5
+    a += rng.normal(0, 12, a.shape)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+
+
+def image_folder(path: Path, per_class: int = 12, size: int = 20, seed: int = 0) -> Path:
+    """Write ``path/<label>/<n>.png`` for the three image classes."""
+    for k, label in enumerate(IMAGE_CLASSES):
+        d = path / label
+        d.mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            image(label, size, seed * 1000 + k * 100 + n).save(d / f"{n}.png")
+    return path
+
+
+def image_model(path: Path, arch: str = "effnet", seed: int = 0, image_size: int = 32) -> Path:
+    """Write a tiny random image-classification base model (resnet, vit or effnet) to ``path``."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+
+    from finetune.efficientnet_lite import EfficientNetLiteForImageClassification
+
+    torch.manual_seed(seed)
+    if arch == "resnet":
+        model = ResNetForImageClassification(ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5))
+    elif arch == "vit":
+        model = ViTForImageClassification(ViTConfig(
+            image_size=image_size, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, num_labels=5))
+    elif arch == "effnet":
+        model = EfficientNetLiteForImageClassification(tiny_effnet_config(image_size))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def tiny_effnet_config(image_size: int = 32, num_labels: int = 5):
+    from finetune.efficientnet_lite import EfficientNetLiteConfig
+
+    return EfficientNetLiteConfig(
+        image_size=image_size, stem_channels=8, head_channels=32, channels=(8, 12, 16), repeats=(1, 2, 1),
+        kernels=(3, 5, 3), strides=(1, 2, 2), expand_ratios=(1, 2, 2), num_labels=num_labels)

@@ -277,3 +277,8 @@ def test_a_worker_that_cannot_load_its_model_stops_the_server(served_artifact, t
     lines = [line for line in out.splitlines() if "refusing to start" in line]
     assert len(lines) == 1 and "not a loadable ONNX model" in lines[0], out[-2000:]
     assert "Traceback" not in out
+
+
+def test_classify_image_on_a_text_server_is_4xx(servers):
+    r = httpx.post(servers["fp32"].url + "/classify-image", json={"images": ["aGk="]}, timeout=10)
+    assert r.status_code == 400 and "POST texts to /classify" in r.json()["error"]

@@ -1,0 +1,287 @@
+"""`ferry export` and `ferry parity` for image-classification checkpoints.
+
+The ONNX graph takes ``pixel_values`` float32 ``[batch, 3, H, W]`` (dynamic batch, H and W
+fixed at the checkpoint's image size) and returns ``logits``. It is made by
+``torch.onnx.export`` (opset 17) for every architecture, including ferry's own
+EfficientNet-Lite that optimum does not know; the manifest records the exporter.
+
+Variants:
+
+- fp32: the exported graph (ONNX Runtime applies its own CPU optimizations at load);
+- int8-static: QDQ, Conv and constant-weight MatMul quantized, calibrated on the
+  checkpoint's ``calibration/`` images (the usual int8 for CNNs);
+- int8: dynamic quantization, which ONNX Runtime applies to MatMul/Gemm only: meaningful
+  for a ViT, while a CNN keeps its convolutions in fp32 (only its classifier is quantized);
+  written when asked for, and judged by the same gate;
+- fp16: float16 graph with fp32 inputs and outputs, verified on CUDA only (as for text).
+
+Parity reuses :mod:`export.parity`: random pixel batches (``--parity-batch-sizes``; the
+sequence lengths do not apply) and the held-out images, each preprocessed by
+``finetune.images.preprocess`` (the one implementation shared with training and serving).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from export import quantize
+from export.artifact import FAIL, PASS, STAGE, VARIANT_FILES
+from export.parity import (
+    HELDOUT_BATCH, INVARIANCE_TEXTS, Labelled, Reference, _progress, check_variant, default_threads, parity_table,
+    pytorch_accuracy, torch_logits,
+)
+from ferry.errors import DataError, FerryError
+
+TASK = "image-classification"
+INPUT = "pixel_values"
+OPSET = 17
+EXPORTER = f"torch.onnx.export (TorchScript), opset {OPSET}"
+
+
+def image_size(processor: dict[str, Any]) -> tuple[int, int]:
+    size = processor.get("size") or {}
+    return int(size["height"]), int(size["width"])
+
+
+def load_pixels(folder: Path, labels: Sequence[str], processor: dict[str, Any], max_examples: int, flag: str) -> tuple[np.ndarray, list[int]]:
+    """Pixels and label ids of a ``<label>/<image>`` folder, through the shared preprocessing."""
+    from finetune.images import open_image, preprocess, read_image_folder
+
+    files, names = read_image_folder(folder, flag)
+    known = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({y for y in names if y not in known})
+    if unknown:
+        raise DataError(f"{folder}: class folder '{unknown[0]}' is not one of the model's labels ({', '.join(labels)})")
+    if max_examples and len(files) > max_examples:
+        files, names = files[:max_examples], names[:max_examples]
+    pixels = preprocess([open_image(f, str(f)) for f in files], processor)
+    return pixels, [known[y] for y in names]
+
+
+def torch_export(model: Any, dst: Path, height: int, width: int) -> None:
+    """The model as ONNX: ``pixel_values`` [batch, 3, H, W] -> ``logits``, dynamic batch."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner: Any):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values: Any) -> Any:
+            return self.inner(pixel_values=pixel_values).logits
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(2, 3, height, width)
+    try:
+        torch.onnx.export(
+            Logits(model).eval(), (example,), str(dst), input_names=[INPUT], output_names=["logits"],
+            dynamic_axes={INPUT: {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+        )
+    except Exception as e:  # the exporter raises many types for a model it cannot trace
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FerryError(f"the ONNX export failed ({type(e).__name__}: {text[:300]})") from None
+
+
+def fp16_image_graph(src: Path, dst: Path) -> dict[str, Any]:
+    """float16 weights and compute, fp32 inputs and outputs (no transformer fusions apply)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+    return {"level": "fp16 conversion", "fusions": False, "for_gpu": True}
+
+
+def build_image_reference(
+    model: Any, labels: Sequence[str], heldout: tuple[np.ndarray, list[int], str] | None, height: int, width: int,
+    args: Any,
+) -> Reference:
+    """PyTorch's logits on random pixel batches and on the held-out images."""
+    progress = None if args.quiet else _progress
+    wrap = progress or (lambda it, desc: it)
+    rng = np.random.default_rng(args.seed)
+    # Random pixels in the normalized range (a standard normal covers what preprocess yields).
+    cases = [{INPUT: rng.standard_normal((int(b), 3, height, width)).astype(np.float32)} for b in args.parity_batch_sizes]
+    case_logits = [torch_logits(model, c) for c in wrap(cases, "PyTorch, random pixels")]
+    batches, index, logits, labelled = [], [], None, None
+    if heldout is not None:
+        pixels, label_ids, source = heldout
+        labelled = Labelled([str(i) for i in range(len(label_ids))], label_ids, source)
+        index = [list(range(i, min(i + HELDOUT_BATCH, len(pixels)))) for i in range(0, len(pixels), HELDOUT_BATCH)]
+        batches = [{INPUT: pixels[ix]} for ix in index]
+        logits = np.zeros((len(pixels), len(labels)), dtype=np.float32)
+        for feeds, ix in zip(wrap(batches, "PyTorch, held-out"), index):
+            logits[ix] = torch_logits(model, feeds)
+        inv = list(pixels[:INVARIANCE_TEXTS])
+    else:
+        inv = list(rng.standard_normal((INVARIANCE_TEXTS, 3, height, width)).astype(np.float32))
+    return Reference(
+        cases, case_logits, batches, index, labelled, logits, inv, len(labels), list(labels), 0, [INPUT],
+        batch_of=lambda items: {INPUT: np.stack(items)},
+    )
+
+
+def run_image_parity(
+    paths: dict[str, Path], model: Any, labels: Sequence[str], heldout: tuple[np.ndarray, list[int], str] | None,
+    height: int, width: int, args: Any, device: str = "auto",
+) -> dict[str, dict[str, Any]]:
+    """The parity block of each variant, PyTorch computed once (the text gates and checks)."""
+    import torch
+
+    torch.set_num_threads(args.threads or default_threads())
+    model.eval()
+    ref = build_image_reference(model, labels, heldout, height, width, args)
+    progress = None if args.quiet else _progress
+    return {name: check_variant(name, path, ref, args, device, None, progress) for name, path in paths.items()}
+
+
+def heldout_pixels(ckpt: Any, labels: Sequence[str], processor: dict[str, Any], data: str | None, max_examples: int) -> tuple[np.ndarray, list[int], str] | None:
+    """The labelled images parity measures accuracy on: ``--data DIR`` or the checkpoint's ``heldout/``."""
+    folder, flag = (Path(data), "--data") if data else (ckpt.heldout, "held-out images")
+    if folder is None:
+        return None
+    pixels, ids = load_pixels(folder, labels, processor, max_examples, flag)
+    return pixels, ids, str(folder)
+
+
+def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int:
+    """`ferry export` of an image checkpoint (options already checked by :func:`export.export.export`)."""
+    from export.export import _step, choose_defaults, graph_info, quiet_libraries
+    from finetune.checkpoint import load_model
+    from finetune.images import PROCESSOR_FILE, load_processor
+    from ferry.config import to_dict
+    from ferry.files import MANIFEST, atomic_dir, library_versions, now_iso, sha256_file, write_json
+
+    started = time.perf_counter()
+    if args.calibration and not Path(args.calibration).is_dir():
+        raise DataError(f"--calibration {args.calibration}: an image checkpoint calibrates on a <label>/<image> folder; no such directory")
+    processor = load_processor(ckpt.path)
+    height, width = image_size(processor)
+    quiet_libraries()
+    model = load_model(ckpt)
+    model.eval()
+    labels = ckpt.labels or [str(i) for i in range(int(model.config.num_labels))]
+    calib = None
+    if "int8-static" in variants:
+        folder = Path(args.calibration) if args.calibration else ckpt.calibration
+        if folder is None:
+            raise DataError(f"{ckpt.path}: no calibration/ images for int8-static; pass --calibration DIR with training images")
+        from finetune.images import open_image, preprocess, read_image_folder
+
+        files, _ = read_image_folder(folder, "--calibration" if args.calibration else "calibration images")
+        files = files[: args.calibration_samples]
+        calib = [{"pixel_values": preprocess([open_image(f, str(f))], processor)} for f in files]
+    heldout = heldout_pixels(ckpt, labels, processor, args.data, args.parity_max_examples)
+    isa = quantize.detect_isa() if args.int8_isa == "auto" else args.int8_isa
+
+    with atomic_dir(output, args.overwrite, [ckpt.path]) as staging:
+        work = staging / ".work"
+        t = time.perf_counter()
+        _step(args, f"[1/3] exporting {ckpt.path} ({ckpt.model_type}) to ONNX with {EXPORTER}")
+        raw = work / "model.onnx"
+        torch_export(model, raw, height, width)
+        opset, inputs, outputs = graph_info(raw)
+        timings = {"export_s": time.perf_counter() - t}
+        fp32 = staging / VARIANT_FILES["fp32"]
+        shutil.copy(raw, fp32)
+        none = {"level": "O0", "fusions": False, "note": "ONNX Runtime optimizes the graph when it loads it"}
+        entries: dict[str, dict[str, Any]] = {"fp32": {"optimization": none}}
+
+        t = time.perf_counter()
+        _step(args, f"[2/3] making variants: {', '.join(variants)} (int8 for {isa})")
+        if "int8" in variants:
+            q = quantize.quantize_dynamic_int8(fp32, staging / VARIANT_FILES["int8"], isa)
+            q["note"] = "dynamic quantization covers MatMul/Gemm only: a CNN's convolutions stay fp32"
+            entries["int8"] = {"optimization": none, "quantization": q}
+        if "int8-static" in variants:
+            assert calib is not None
+            q = quantize.quantize_static_int8(fp32, staging / VARIANT_FILES["int8-static"], calib, isa, args.calibration_method, conv=True)
+            q["calibration"]["source"] = str(args.calibration or ckpt.calibration)
+            q["fp32_kept"] = "normalization, activations, attention core and classifier head"
+            entries["int8-static"] = {"optimization": none, "quantization": q}
+        if "fp16" in variants:
+            entries["fp16"] = {"optimization": fp16_image_graph(raw, staging / VARIANT_FILES["fp16"])}
+        timings["variants_s"] = time.perf_counter() - t
+        model.config.to_json_file(str(staging / "config.json"))
+        shutil.copy(ckpt.path / PROCESSOR_FILE, staging / PROCESSOR_FILE)
+        shutil.rmtree(work)
+
+        t = time.perf_counter()
+        source = f" on {heldout[2]} ({len(heldout[1])} images)" if heldout else " (no held-out images)"
+        _step(args, "[3/3] parity with PyTorch" + source)
+        order = [v for v in VARIANT_FILES if v in variants]
+        paths = {name: staging / VARIANT_FILES[name] for name in order}
+        results = run_image_parity(paths, model, labels, heldout, height, width, args)
+        timings["parity_s"] = time.perf_counter() - t
+
+        manifest_variants: dict[str, dict[str, Any]] = {}
+        for name in order:
+            res = results[name]
+            inv = res.get("batch_invariance")
+            manifest_variants[name] = {
+                "file": paths[name].name,
+                "sha256": sha256_file(paths[name]),
+                "bytes": quantize.model_bytes(paths[name]),
+                "precision": {"fp32": "fp32", "fp16": "fp16"}.get(name, "int8"),
+                "provider": "CUDAExecutionProvider" if name == "fp16" else "CPUExecutionProvider",
+                "batch_invariant": None if inv is None else bool(inv["invariant"]),
+                "status": res["status"],
+                "graph_ops": quantize.op_counts(paths[name]),
+                **entries[name],
+                "parity": res,
+            }
+        forced = args.cpu_default if args.cpu_default and manifest_variants[args.cpu_default]["status"] != FAIL else None
+        defaults = choose_defaults(manifest_variants, forced)
+        manifest = {
+            "stage": STAGE,
+            "source": {"checkpoint": str(ckpt.path.resolve()), "manifest_sha256": ckpt.manifest_sha256, "model_type": ckpt.model_type},
+            "task": TASK,
+            "labels": labels,
+            "image_size": {"height": height, "width": width},
+            "processor": PROCESSOR_FILE,
+            "exporter": EXPORTER,
+            "opset": opset,
+            "inputs": inputs,
+            "outputs": outputs,
+            "variants": manifest_variants,
+            "default_variant": defaults,
+            "default_variant_rule": {
+                "cpu": "forced by --cpu-default" if args.cpu_default else "first passing, batch-invariant variant among int8-static, fp32",
+                "gpu": "fp16 unless it failed, else fp32",
+            },
+            "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "versions": library_versions("torch", "onnx", "onnxruntime", "numpy", "pillow"),
+            "created": now_iso(),
+        }
+        write_json(staging / MANIFEST, manifest)
+
+    print(parity_table(manifest_variants, pytorch_accuracy(manifest_variants)))
+    print(f"default variant: cpu={defaults['cpu']} gpu={defaults['gpu']}")
+    for name, info in manifest_variants.items():
+        if info["status"] != PASS:
+            print(f"  {name}: {info['status']} ({info['parity'].get('reason', '')})")
+    print(f"wrote {output} in {time.perf_counter() - started:.1f}s")
+    if manifest_variants["fp32"]["status"] == FAIL:
+        print(f"ferry export: error: fp32 failed the parity gate ({manifest_variants['fp32']['parity'].get('reason')}); "
+              f"{output} records the failure and has no servable fp32", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parity_image(args: Any, artifact: Any, ckpt: Any, model: Any) -> dict[str, dict[str, Any]]:
+    """`ferry parity` of an image artifact: the results per checked variant."""
+    from finetune.images import load_processor
+
+    processor = load_processor(artifact.path)
+    height, width = image_size(processor)
+    names = artifact.select(args.variants)
+    heldout = heldout_pixels(ckpt, artifact.labels, processor, args.data, args.parity_max_examples)
+    paths = {n: artifact.variants[n].path for n in names}
+    return run_image_parity(paths, model, artifact.labels, heldout, height, width, args, args.device)

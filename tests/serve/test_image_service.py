@@ -1,0 +1,129 @@
+"""POST /classify-image on a real `ferry serve` process, on a tiny CNN exported by `ferry export`."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from ferry.cli import main
+from tests import images
+from tests.serve.conftest import Server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def image_artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-image")
+    ckpt = images.make_checkpoint(root / "ckpt", "resnet")
+    out = root / "artifact"
+    assert main(["export", str(ckpt), "--output", str(out), "--variants", "fp32,fp16", "--quiet", "--threads", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(image_artifact, bentoml_home, tmp_path_factory):
+    s = Server(image_artifact, tmp_path_factory.mktemp("img-logs") / "server.log", bentoml_home, "--variant", "fp32",
+               "--max-images", "4", "--max-image-bytes", "20000", "--max-image-pixels", "10000")
+    try:
+        yield s.wait_ready()
+    finally:
+        assert s.stop() == 0
+
+
+def offline_labels(artifact, pictures) -> list[str]:
+    """Labels from ONNX Runtime on the artifact's fp32 model, preprocessed here with transformers' own processor."""
+    import onnxruntime as ort
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor.from_pretrained(artifact)
+    pixels = processor(images=[p.convert("RGB") for p in pictures], return_tensors="np")["pixel_values"].astype(np.float32)
+    session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"pixel_values": pixels})[0]
+    return [images.LABELS[i] for i in logits.argmax(-1)]
+
+
+def pictures():
+    return [images.picture(label, 500 + i) for i, label in enumerate(images.LABELS)] + [images.picture("red", 9, mode="L")]
+
+
+def classify(url: str, **kw) -> httpx.Response:
+    return httpx.post(url + "/classify-image", timeout=60, **kw)
+
+
+def test_multipart_and_base64_agree_with_offline_onnx(server, image_artifact):
+    pics = pictures()
+    want = offline_labels(image_artifact, pics)
+    assert len(set(want[:3])) == 3  # the tiny CNN tells the three colours apart
+    files = [("images", (f"{i}.png", images.png_bytes(p), "image/png")) for i, p in enumerate(pics)]
+    r = classify(server.url, files=files, data={"return_all_scores": "true"})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["label"] for x in results] == want
+    assert all(abs(sum(x["scores"].values()) - 1) < 1e-5 and x["score"] == max(x["scores"].values()) for x in results)
+    b64 = [base64.b64encode(images.png_bytes(p, "JPEG" if i == 0 else "PNG")).decode() for i, p in enumerate(pics)]
+    r = classify(server.url, json={"images": b64})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    assert [x["label"] for x in got][1:] == want[1:] and "scores" not in got[0]
+
+
+def test_info_reports_the_task(server):
+    body = httpx.get(server.url + "/info", timeout=10).json()
+    assert body["model"]["task"] == "image-classification"
+    assert body["image_size"] == {"height": images.SIZE, "width": images.SIZE}
+
+
+@pytest.mark.parametrize("kw, status, needle", [
+    ({"json": {"images": []}}, 400, "no images"),
+    ({"json": {"images": ["!!!"]}}, 400, "not valid base64"),
+    ({"json": {"images": [base64.b64encode(b"hello, not an image").decode()]}}, 422, "not an image"),
+    ({"files": [("images", ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png"))]}, 422, "images[0]"),
+    ({"json": {"imgs": []}}, 400, "unknown key 'imgs'"),
+    ({"json": {"images": ["aGk="], "return_all_scores": "maybe"}}, 400, "return_all_scores"),
+    ({"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "content type 'text/plain'"),
+    ({"content": b"{", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+])
+def test_bad_payloads_are_4xx(server, kw, status, needle):
+    r = classify(server.url, **kw)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"] and "\n" not in r.json()["error"]
+
+
+def test_limits_are_413(server):
+    png = images.png_bytes(images.picture("red", 1))
+    r = classify(server.url, files=[("images", (f"{i}.png", png, "image/png")) for i in range(5)])
+    assert r.status_code == 413 and "limit of 4" in r.json()["error"]
+    from PIL import Image
+
+    big = images.png_bytes(Image.new("RGB", (200, 100), "red"))  # 20000 pixels > 10000, a few hundred bytes
+    r = classify(server.url, json={"images": [base64.b64encode(big).decode()]})
+    assert r.status_code == 413 and "pixels" in r.json()["error"], r.text
+    noise = np.random.default_rng(0).integers(0, 255, (100, 90, 3)).astype("uint8")  # 9000 pixels, > 20000 bytes
+    heavy = images.png_bytes(Image.fromarray(noise))
+    assert len(heavy) > 20000
+    r = classify(server.url, files=[("images", ("n.png", heavy, "image/png"))])
+    assert r.status_code == 413 and "bytes" in r.json()["error"], r.text
+
+
+def test_text_route_on_an_image_server_is_4xx(server):
+    r = httpx.post(server.url + "/classify", json={"texts": ["hello"]}, timeout=10)
+    assert r.status_code == 400 and "/classify-image" in r.json()["error"]
+
+
+def test_store_registers_an_image_artifact(image_artifact, bentoml_home, capsys):
+    import yaml
+
+    assert main(["store", str(image_artifact), "--name", "ferry-image"]) == 0
+    tag = capsys.readouterr().out.strip().splitlines()[-1]
+    name, version = tag.split(":")
+    stored = bentoml_home / "models" / name / version
+    assert (stored / "preprocessor_config.json").read_bytes() == (image_artifact / "preprocessor_config.json").read_bytes()
+    meta = yaml.safe_load((stored / "model.yaml").read_text())["metadata"]
+    assert meta["task"] == "image-classification" and meta["labels"] == images.LABELS and meta["image_size"] == {"height": images.SIZE, "width": images.SIZE}
+    assert "max_length" not in meta
+    assert meta["variants"]["fp16"] == {"precision": "fp16", "status": "unverified"}  # batch invariance unmeasured: absent
