@@ -45,6 +45,10 @@ def test_image_finetune_freeze_modes(tmp_path, data, bases, arch, freeze, capsys
     out = tmp_path / "ckpt"
     stdout = run_ok(finetune(bases[arch], data, out, "--freeze", freeze), capsys)
     assert "test accuracy" in stdout
+    # ferry evaluate reads the image checkpoint and its heldout/ folder, and agrees with the manifest
+    acc = manifest["metrics"]["test"]["accuracy"]
+    assert f"accuracy {acc:.4f}" in run_ok(["evaluate", str(out), "--quiet"], capsys)
+    assert "on 36 examples" in run_ok(["evaluate", str(out), "--data", str(data), "--quiet"], capsys)
     c = ck.check_valid_checkpoint_dir(out)
     assert c.task == ck.IMAGE and c.image_size == 32 and c.labels == ["blue", "green", "red"]
     manifest = json.loads((out / "ferry.json").read_text())
@@ -81,6 +85,10 @@ def test_image_finetune_learns_and_unfreezes_top(tmp_path, data, bases, capsys):
     # the last stage (block 3) and the head convolution trained; everything below did not
     assert changed and all(k.startswith(("_blocks.3.", "_conv_head", "_bn1.")) for k in changed)
     assert "test accuracy" in stdout
+    # ferry evaluate reads the image checkpoint and its heldout/ folder, and agrees with the manifest
+    acc = manifest["metrics"]["test"]["accuracy"]
+    assert f"accuracy {acc:.4f}" in run_ok(["evaluate", str(out), "--quiet"], capsys)
+    assert "on 36 examples" in run_ok(["evaluate", str(out), "--data", str(data), "--quiet"], capsys)
 
 
 def test_frozen_batchnorm_stays_in_eval_mode(bases):
