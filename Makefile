@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Nothing is fetched from a model or dataset hub at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-image test clean
 
 install: $(STAMP)
 
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/ferry finetune --config configs/bbc-news.yaml --overwrite
+
+# Image demo: MNIST 5k written once as PNG files, then EfficientNet-Lite0 fine-tuned on it.
+MNIST_DIR := runs/mnist-5k
+demo-image: $(STAMP)
+	test -d $(MNIST_DIR) || $(BIN)/python -m finetune.images mnist $(MNIST_DIR)
+	$(BIN)/ferry finetune --config configs/mnist-effnet.yaml --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

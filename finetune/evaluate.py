@@ -19,6 +19,7 @@ class EvaluateArgs:
     data: str | None = opt(None, "labelled data: .csv/.tsv/.jsonl/.parquet or a <label>/*.txt directory "
                            "(default: the checkpoint's held-out test split)")
     text_column: str = opt("text", "column holding the text")
+    image_column: str = opt("image", "image checkpoints: column holding the image path (or give a <label>/<image> directory)")
     label_column: str = opt("label", "column holding the label")
     batch_size: int = opt(64, "examples per batch", check=positive)
     max_length: int | None = opt(None, "tokens per text (default: the checkpoint's training setting)", check=positive)
@@ -31,19 +32,26 @@ class EvaluateArgs:
 def evaluate(args: EvaluateArgs) -> int:
     """Predict every example of ``args.data`` with the checkpoint and report the metrics."""
     from finetune.batching import predict_logits
-    from finetune.checkpoint import check_valid_checkpoint_dir, load_model, load_tokenizer
+    from finetune.checkpoint import IMAGE, check_valid_checkpoint_dir, load_model, load_tokenizer
     from finetune.data import load_labelled
     from finetune.metrics import classification_report, format_report
 
     ckpt = check_valid_checkpoint_dir(args.checkpoint)
+    image = ckpt.task == IMAGE
     data = args.data
     if data is None:
         if ckpt.heldout is None:
-            raise DataError(f"CHECKPOINT {args.checkpoint} has no held-out split ({ckpt.path / 'heldout.jsonl'}); pass --data FILE")
+            where = ckpt.path / ("heldout" if image else "heldout.jsonl")
+            raise DataError(f"CHECKPOINT {args.checkpoint} has no held-out split ({where}); pass --data FILE")
         data = str(ckpt.heldout)
-    examples = load_labelled(
-        data, args.text_column, args.label_column, args.decode_errors, args.empty_texts, "--data", args.quiet
-    )
+    if image:
+        from finetune.images import load_labelled_images
+
+        examples = load_labelled_images(data, args.image_column, args.label_column, "--data")
+    else:
+        examples = load_labelled(
+            data, args.text_column, args.label_column, args.decode_errors, args.empty_texts, "--data", args.quiet
+        )
     label_id = {label: i for i, label in enumerate(ckpt.labels)}
     unknown = sorted({y for y in examples.labels if y not in label_id})
     if unknown:
@@ -54,9 +62,18 @@ def evaluate(args: EvaluateArgs) -> int:
 
     set_threads()
     model = load_model(ckpt)
-    tokenizer = load_tokenizer(ckpt.path)
     max_length = args.max_length or ckpt.max_length
-    logits = predict_logits(model, tokenizer, examples.texts, args.batch_size, max_length)
+    if image:
+        import torch
+
+        from finetune.imagemodel import image_logits, load_pixels
+        from finetune.images import load_processor
+
+        pixels = load_pixels(examples.texts, load_processor(ckpt.path))
+        logits = image_logits(model, pixels, args.batch_size, torch.device("cpu")).numpy()
+        max_length = None
+    else:
+        logits = predict_logits(model, load_tokenizer(ckpt.path), examples.texts, args.batch_size, max_length)
     rep = classification_report([label_id[y] for y in examples.labels], logits.argmax(-1), ckpt.labels)
     if not args.quiet:
         print(format_report(rep, f"{data} ({rep['examples']} examples):"))

@@ -81,6 +81,10 @@ def test_image_finetune_learns_and_unfreezes_top(tmp_path, data, bases, capsys):
     # the last stage (block 3) and the head convolution trained; everything below did not
     assert changed and all(k.startswith(("_blocks.3.", "_conv_head", "_bn1.")) for k in changed)
     assert "test accuracy" in stdout
+    # ferry evaluate reads the image checkpoint and its heldout/ folder, and agrees with the manifest
+    acc = manifest["metrics"]["test"]["accuracy"]
+    assert f"accuracy {acc:.4f}" in run_ok(["evaluate", str(out), "--quiet"], capsys)
+    assert "on 36 examples" in run_ok(["evaluate", str(out), "--data", str(data), "--quiet"], capsys)
 
 
 def test_frozen_batchnorm_stays_in_eval_mode(bases):
