@@ -476,15 +476,20 @@ def export(args: ExportArgs) -> int:
         for i, m in enumerate(manifest["ensemble"]["members"], 1):
             acc = m["heldout_accuracy"]
             print(f"member {i} {m['checkpoint']}: weight {m['weight']:.3f}, PyTorch accuracy " + ("-" if acc is None else f"{acc:.4f}"))
-    print(parity_table(manifest_variants, pytorch_accuracy(manifest_variants)))
+    return summarize(manifest_variants, defaults, output, started)
+
+
+def summarize(variants: dict[str, dict[str, Any]], defaults: dict[str, str], output: Path, started: float) -> int:
+    """Print the parity table, the default variants and every failure; 1 when fp32 failed, else 0."""
+    print(parity_table(variants, pytorch_accuracy(variants)))
     print(f"default variant: cpu={defaults['cpu']} gpu={defaults['gpu']}")
-    for name, info in manifest_variants.items():
+    for name, info in variants.items():
         if info["status"] != PASS:
             print(f"  {name}: {info['status']} ({info['parity'].get('reason', '')})")
     print(f"wrote {output} in {time.perf_counter() - started:.1f}s")
-    if manifest_variants["fp32"]["status"] == FAIL:
+    if variants["fp32"]["status"] == FAIL:
         print(
-            f"ferry export: error: fp32 failed the parity gate ({manifest_variants['fp32']['parity'].get('reason')}); "
+            f"ferry export: error: fp32 failed the parity gate ({variants['fp32']['parity'].get('reason')}); "
             f"{output} records the failure and has no servable fp32",
             file=sys.stderr,
         )

@@ -23,7 +23,6 @@ sequence lengths do not apply) and the held-out images, each preprocessed by
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,10 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from export import quantize
-from export.artifact import FAIL, PASS, STAGE, VARIANT_FILES
+from export.artifact import FAIL, STAGE, VARIANT_FILES
 from export.parity import (
-    HELDOUT_BATCH, INVARIANCE_TEXTS, Labelled, Reference, _progress, check_variant, default_threads, parity_table,
-    pytorch_accuracy, torch_logits,
+    HELDOUT_BATCH, INVARIANCE_TEXTS, Labelled, Reference, _progress, check_variant, default_threads, torch_logits,
 )
 from ferry.errors import DataError, FerryError
 
@@ -152,7 +150,7 @@ def heldout_pixels(ckpt: Any, labels: Sequence[str], processor: dict[str, Any], 
 
 def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int:
     """`ferry export` of an image checkpoint (options already checked by :func:`export.export.export`)."""
-    from export.export import _step, choose_defaults, graph_info, quiet_libraries
+    from export.export import _step, choose_defaults, graph_info, quiet_libraries, summarize
     from finetune.checkpoint import load_model
     from finetune.images import PROCESSOR_FILE, load_processor
     from ferry.config import to_dict
@@ -262,17 +260,7 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
         }
         write_json(staging / MANIFEST, manifest)
 
-    print(parity_table(manifest_variants, pytorch_accuracy(manifest_variants)))
-    print(f"default variant: cpu={defaults['cpu']} gpu={defaults['gpu']}")
-    for name, info in manifest_variants.items():
-        if info["status"] != PASS:
-            print(f"  {name}: {info['status']} ({info['parity'].get('reason', '')})")
-    print(f"wrote {output} in {time.perf_counter() - started:.1f}s")
-    if manifest_variants["fp32"]["status"] == FAIL:
-        print(f"ferry export: error: fp32 failed the parity gate ({manifest_variants['fp32']['parity'].get('reason')}); "
-              f"{output} records the failure and has no servable fp32", file=sys.stderr)
-        return 1
-    return 0
+    return summarize(manifest_variants, defaults, output, started)
 
 
 def parity_image(args: Any, artifact: Any, ckpt: Any, model: Any) -> dict[str, dict[str, Any]]:

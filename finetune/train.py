@@ -198,6 +198,7 @@ def finetune(args: FinetuneArgs) -> int:
         settings = {k: v for k, v in to_dict(args).items() if k not in NOT_COMPARED_ON_RESUME}
         data_ids = {name: (src.get("sha256"), src.get("rows")) for name, src in split["data"].items() if src}
         start_epoch, best_metric, best_epoch, bad_epochs = 1, -1.0, 0, 0
+        phase_best = -1.0  # the best metric of the current phase (frozen, then unfrozen)
         history: list[dict[str, Any]] = []
         loss_log: list[list[float]] = []
         best_state: dict[str, Any] | None = None
@@ -214,6 +215,7 @@ def finetune(args: FinetuneArgs) -> int:
             distributed.restore_rng(dist, saved["rng"])
             start_epoch = info["epoch"] + 1
             best_metric, best_epoch, bad_epochs = info["best_metric"], info["best_epoch"], info["bad_epochs"]
+            phase_best = info["phase_best"]
             history, loss_log = info["history"], info["loss_log"]
             train_seconds, train_cpu_seconds = info["train_seconds"], info["train_cpu_seconds"]
             trained_samples = info["trained_samples"]
@@ -250,6 +252,8 @@ def finetune(args: FinetuneArgs) -> int:
             if unfreeze and epoch == max(args.unfreeze_after + 1, start_epoch):
                 for p in unfreeze:
                     p.requires_grad_(True)
+                if epoch == args.unfreeze_after + 1:  # not on a resume inside the unfrozen phase
+                    phase_best, bad_epochs = -1.0, 0
                 say(f"epoch {epoch}: the top {args.unfreeze_top} stages are trainable from now on", file=sys.stderr)
             if image:
                 imagemodel.train_mode(net)  # frozen BatchNorm layers keep their running statistics
@@ -321,8 +325,11 @@ def finetune(args: FinetuneArgs) -> int:
                 say(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} ({row['train_samples_per_second']:.1f} samples/s)")
             history.append(row)
             if metric > best_metric:
-                best_metric, best_epoch, bad_epochs = metric, epoch, 0
+                best_metric, best_epoch = metric, epoch
                 best_state = state.cpu_copy(net.state_dict())
+            # Patience counts within a phase: unfreezing starts a new one (its first epochs may dip).
+            if metric > phase_best:
+                phase_best, bad_epochs = metric, 0
             else:
                 bad_epochs += 1
             if args.patience and bad_epochs >= args.patience and epoch < args.epochs:
@@ -337,6 +344,7 @@ def finetune(args: FinetuneArgs) -> int:
                         scheduler=scheduler, scaler=scaler, rng=rng,
                         info={
                             "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                            "phase_best": phase_best,
                             "history": history, "loss_log": loss_log, "train_seconds": train_seconds,
                             "train_cpu_seconds": train_cpu_seconds,
                             "trained_samples": trained_samples, "settings": settings, "data": data_ids,

@@ -30,14 +30,14 @@ import json
 import threading
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from export.artifact import Artifact, check_valid_artifact_dir
-from export.session import CPU, CUDA, active_provider, available_providers, create_session
-from ferry.errors import ArtifactError, DataError, FerryError
-from serve.runtime import resolve_device, select_variant, softmax
+from export.session import available_providers, create_session
+from ferry.errors import ArtifactError, DataError
+from serve.runtime import VariantSession, softmax
 
 TASK = "image-classification"
 KEYS = ("images", "return_all_scores")
@@ -151,7 +151,7 @@ def decode(raw: bytes, where: str, processor: dict[str, Any], max_pixels: int) -
     return preprocess([img], processor)[0]
 
 
-class ImageRuntime:
+class ImageRuntime(VariantSession):
     """preprocessor_config.json + an ONNX Runtime session for one image artifact variant.
 
     The same roles as :class:`serve.runtime.Runtime` (variant choice, sha256 check, device
@@ -169,35 +169,17 @@ class ImageRuntime:
             raise ArtifactError(f"{self.artifact.path}: a {self.artifact.task} artifact, not an image-classification one")
         self.threads, self.optimization, self.max_group = threads, optimization, max_group
         self.labels = self.artifact.labels
-        self.notes: list[str] = []
-        self.fallback: str | None = None
         try:
             self.processor = load_processor(self.artifact.path)
         except DataError as e:
             raise ArtifactError(str(e)) from None
-        available = available_providers()
-        self.device = resolve_device(device, available)
-        self.variant = select_variant(self.artifact, variant, self.device, self.notes)
-        self.session = self._open(available)
-        self.provider = active_provider(self.session)
-        if self.device == "cuda" and self.provider != CUDA:
-            self.fallback = f"CUDA provider listed but unusable, fell back to {self.provider}"
-            if device == "cuda":
-                raise FerryError(f"--device cuda: ONNX Runtime could not use the GPU ({self.fallback}); use --device cpu")
-            self.device = "cpu"
-            self.variant = select_variant(self.artifact, variant, "cpu", self.notes)
-            self.session = self._open([CPU])
-            self.provider = active_provider(self.session)
+        self._open_variant(variant, device, available_providers(), create_session)
         names = [i.name for i in self.session.get_inputs()]
         if names != ["pixel_values"]:
             raise ArtifactError(f"{self.variant.path}: model inputs {names} are not ['pixel_values']")
         self.batch_invariant_variant: bool | None = self.variant.info.get("batch_invariant")
         self.one_per_run = enforce_invariance and self.batch_invariant_variant is False
         self._ready = threading.Event()
-
-    def _open(self, available: Sequence[str]) -> Any:
-        self.variant.verify()
-        return create_session(self.variant.path, device=self.device, threads=self.threads, optimization=self.optimization, available=available)
 
     def decode(self, raw: bytes, where: str, max_pixels: int) -> np.ndarray:
         return decode(raw, where, self.processor, max_pixels)
@@ -231,22 +213,14 @@ class ImageRuntime:
                 f"({self.variant.info.get('precision', '?')}, parity {self.variant.status}) on {self.provider}{fb}")
 
     def info(self) -> dict[str, Any]:
-        m, v = self.artifact.manifest, self.variant
+        m = self.artifact.manifest
         return {
             "model": {"artifact": str(self.artifact.path), "model_type": (m.get("source") or {}).get("model_type"),
                       "source_checkpoint": (m.get("source") or {}).get("checkpoint"), "task": TASK},
             "labels": self.labels,
             "image_size": m.get("image_size"),
-            "variant": v.name,
-            "precision": v.info.get("precision"),
-            "sha256": v.info.get("sha256"),
-            "provider": self.provider,
-            "device": self.device,
-            "fallback": self.fallback,
-            "threads": self.threads,
+            **self.variant_info(),
             "batch_invariance": self.batch_invariance,
-            "parity": {"status": v.status, **(v.info.get("parity") or {})},
-            "variants": {n: x.status for n, x in self.artifact.variants.items()},
             "ready": self.ready,
         }
 

@@ -179,7 +179,60 @@ def _device_value(array: np.ndarray, device_id: int = 0) -> Any:
     return ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
 
 
-class Runtime:
+class VariantSession:
+    """Opens one artifact variant in ONNX Runtime: device, variant choice, sha256 check, CUDA fallback.
+
+    Shared by :class:`Runtime` (text) and ``serve.image.ImageRuntime``; sets ``device``, ``notes``,
+    ``variant``, ``session``, ``provider`` and ``fallback``. Needs ``artifact``, ``threads``, ``optimization``.
+    """
+
+    artifact: Artifact
+    threads: int | None
+    optimization: str
+
+    def _open_variant(
+        self, variant: str | None, device: str, available: Sequence[str], factory: Callable[..., Any], gpu_present: bool | None = None,
+    ) -> None:
+        self.notes: list[str] = []  # warnings for the caller to show (the server logs them)
+        self.device = resolve_device(device, available, gpu_present)
+        self.fallback: str | None = None
+        self.variant = select_variant(self.artifact, variant, self.device, self.notes)
+        self.session = self._open(factory, available)
+        self.provider = active_provider(self.session)
+        if self.device == "cuda" and self.provider != CUDA:
+            # ORT lists CUDA but could not use it (no driver, no cuDNN): serve on CPU, with the CPU variant.
+            self.fallback = f"CUDA provider listed but unusable, fell back to {self.provider}"
+            if device == "cuda":
+                raise FerryError(f"--device cuda: ONNX Runtime could not use the GPU ({self.fallback}); use --device cpu")
+            self.device = "cpu"
+            self.variant = select_variant(self.artifact, variant, "cpu", self.notes)
+            self.session = self._open(factory, [CPU])
+            self.provider = active_provider(self.session)
+
+    def variant_info(self) -> dict[str, Any]:
+        """The /info fields of the open variant and where it runs."""
+        v = self.variant
+        return {
+            "variant": v.name,
+            "precision": v.info.get("precision"),
+            "sha256": v.info.get("sha256"),
+            "provider": self.provider,
+            "device": self.device,
+            "fallback": self.fallback,
+            "threads": self.threads,
+            "parity": {"status": v.status, **(v.info.get("parity") or {})},
+            "variants": {n: x.status for n, x in self.artifact.variants.items()},
+        }
+
+    def _open(self, factory: Callable[..., Any], available: Sequence[str]) -> Any:
+        self.variant.verify()  # integrity: refuse a model file whose sha256 differs from the manifest
+        return factory(
+            self.variant.path, device=self.device, threads=self.threads, optimization=self.optimization,
+            available=available,
+        )
+
+
+class Runtime(VariantSession):
     """Tokenizer + ONNX Runtime session for one artifact variant.
 
     Args:
@@ -223,22 +276,8 @@ class Runtime:
         available = available_providers() if available is None else list(available)
         factory = session_factory or create_session
         self.requested_device = device
-        self.notes: list[str] = []  # warnings for the caller to show (the server logs them)
-        self.device = resolve_device(device, available, gpu_present)
         self.tokenizer = load_tokenizer(self.artifact, self.max_length)
-        self.fallback: str | None = None
-        self.variant = select_variant(self.artifact, variant, self.device, self.notes)
-        self.session = self._open(factory, available)
-        self.provider = active_provider(self.session)
-        if self.device == "cuda" and self.provider != CUDA:
-            # ORT lists CUDA but could not use it (no driver, no cuDNN): serve on CPU, with the CPU variant.
-            self.fallback = f"CUDA provider listed but unusable, fell back to {self.provider}"
-            if device == "cuda":
-                raise FerryError(f"--device cuda: ONNX Runtime could not use the GPU ({self.fallback}); use --device cpu")
-            self.device = "cpu"
-            self.variant = select_variant(self.artifact, variant, "cpu", self.notes)
-            self.session = self._open(factory, [CPU])
-            self.provider = active_provider(self.session)
+        self._open_variant(variant, device, available, factory, gpu_present)
         self.io_binding = self.provider == CUDA
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
@@ -254,13 +293,6 @@ class Runtime:
         self._ready = threading.Event()
 
     # --- loading -----------------------------------------------------------------
-    def _open(self, factory: Callable[..., Any], available: Sequence[str]) -> Any:
-        self.variant.verify()  # integrity: refuse a model file whose sha256 differs from the manifest
-        return factory(
-            self.variant.path, device=self.device, threads=self.threads, optimization=self.optimization,
-            available=available,
-        )
-
     def _pad_id(self) -> int:
         for token in ("[PAD]", "<pad>", "<PAD>"):
             i = self.tokenizer.token_to_id(token)
@@ -291,7 +323,6 @@ class Runtime:
 
     def info(self) -> dict[str, Any]:
         m = self.artifact.manifest
-        v = self.variant
         return {
             "model": {
                 "artifact": str(self.artifact.path),
@@ -304,21 +335,13 @@ class Runtime:
                 },
             },
             "labels": self.labels,
-            "variant": v.name,
-            "precision": v.info.get("precision"),
-            "sha256": v.info.get("sha256"),
-            "provider": self.provider,
-            "device": self.device,
-            "fallback": self.fallback,
+            **self.variant_info(),
             "io_binding": self.io_binding,
-            "threads": self.threads,
             "optimization": self.optimization,
             "max_length": self.max_length,
             "batch_invariant": self.batch_invariant,
             "batch_invariant_variant": self.batch_invariant_variant,
             "batch_invariance": self.batch_invariance,
-            "parity": {"status": v.status, **(v.info.get("parity") or {})},
-            "variants": {n: x.status for n, x in self.artifact.variants.items()},
             "ready": self.ready,
         }
 
