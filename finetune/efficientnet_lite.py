@@ -118,9 +118,9 @@ class EfficientNetLitePreTrainedModel(PreTrainedModel):
             module.weight.data.fill_(1.0)
             module.bias.data.zero_()
         elif isinstance(module, nn.Linear):
-            nn.init.uniform_(module.weight, -1.0 / math.sqrt(module.out_features), 1.0 / math.sqrt(module.out_features))
-            if module.bias is not None:
-                module.bias.data.zero_()
+            # PyTorch's default, U(±1/sqrt(fan_in)): small logits for a new head on 1280 ReLU6 features
+            # (lukemelas' U(±1/sqrt(fan_out)) starts a 10-class head at a loss near 8).
+            module.reset_parameters()
 
 
 class EfficientNetLiteForImageClassification(EfficientNetLitePreTrainedModel):

@@ -79,7 +79,8 @@ class FinetuneArgs:
     validation_fraction: float = opt(0.1, "fraction of --train held out for validation when --validation is absent", check=fraction)
     test_fraction: float = opt(0.1, "fraction of --train held out for test when --test is absent", check=fraction)
     metric: str = opt("accuracy", "validation metric for the best epoch and early stopping", choices=("accuracy", "macro_f1"))
-    patience: int = opt(2, "stop after this many epochs without improvement (0: never stop early)", check=non_negative)
+    patience: int = opt(2, "stop after this many epochs without improvement (0: never stop early); images: counted "
+                        "within the frozen and the unfrozen phase", check=non_negative)
     eval_batch_size: int = opt(64, "examples per batch when evaluating", check=positive)
     decode_errors: str = opt("error", "non-UTF-8 bytes: refuse, or replace with U+FFFD", choices=("error", "replace"))
     empty_texts: str = opt("drop", "null or empty texts: drop with a warning, or refuse", choices=("drop", "error"))

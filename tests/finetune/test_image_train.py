@@ -87,6 +87,20 @@ def test_image_finetune_learns_and_unfreezes_top(tmp_path, data, bases, capsys):
     assert "on 36 examples" in run_ok(["evaluate", str(out), "--data", str(data), "--quiet"], capsys)
 
 
+
+def test_patience_counts_within_a_phase_and_the_best_checkpoint_over_all(tmp_path, data, bases, capsys):
+    # A learning rate too small to change any prediction: the validation metric is the same every epoch.
+    # Patience 2 would stop after epoch 3 if it counted across phases; unfreezing at epoch 3 starts a
+    # new phase, so all 4 epochs run, and epoch 1 (first reached the best value) stays the checkpoint.
+    out = tmp_path / "ckpt"
+    run_ok(finetune(bases["vit"], data, out, "--freeze", "all", "--epochs", "4", "--unfreeze-top", "1",
+                    "--unfreeze-after", "2", "--learning-rate", "1e-12", "--patience", "2"), capsys)
+    metrics = json.loads((out / "ferry.json").read_text())["metrics"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["accuracy"] for r in rows if r["split"] == "validation"}) == 1  # the premise: a flat metric
+    assert metrics["epochs_run"] == 4 and not metrics["stopped_early"] and metrics["best_epoch"] == 1
+
+
 def test_frozen_batchnorm_stays_in_eval_mode(bases):
     from finetune import imagemodel
     from finetune.efficientnet_lite import EfficientNetLiteForImageClassification
