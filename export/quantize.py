@@ -114,8 +114,9 @@ def _declare_float_tensors(model: Any, nodes: set[str]) -> int:
     return added
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, isa: str) -> dict[str, Any]:
-    """Dynamic int8, per channel; returns the settings to record."""
+def quantize_dynamic_int8(src: Path, dst: Path, isa: str, op_types: list[str] | None = None) -> dict[str, Any]:
+    """Dynamic int8, per channel; ``op_types`` limits it (None: ONNX Runtime's default, which
+    also turns Conv into ConvInteger); returns the settings to record."""
     import onnx
     from onnxruntime.quantization import quantize_dynamic
 
@@ -127,12 +128,13 @@ def quantize_dynamic_int8(src: Path, dst: Path, isa: str) -> dict[str, Any]:
         per_channel=True,
         reduce_range=params["reduce_range"],
         weight_type=_qtype(params["weights"]),
+        op_types_to_quantize=op_types,
         use_external_data_format=big,
         # Shape inference cannot see through ORT's fused ops (Attention, SkipLayerNorm):
         # their outputs are float.
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
-    return {"method": "dynamic", "isa": isa, "per_channel": True, **params}
+    return {"method": "dynamic", "isa": isa, "per_channel": True, **params, **({"op_types": op_types} if op_types else {})}
 
 
 class _Reader:

@@ -60,6 +60,9 @@ def test_artifact_files_and_manifest(exported):
     assert ops.get("QuantizeLinear", 0) > 0
     if arch == "resnet":
         assert v["int8-static"]["quantization"]["quantized_nodes"] >= 5
+    # Dynamic int8 quantizes MatMul/Gemm only: no ConvInteger (slow and inaccurate on CNNs).
+    dyn = v["int8"]["graph_ops"]
+    assert "ConvInteger" not in dyn and dyn.get("MatMulInteger", 0) > 0
 
 
 def test_fp32_dynamic_batch_matches_pytorch(exported):
