@@ -353,10 +353,15 @@ def export(args: ExportArgs) -> int:
         timings = {}
         if args.ensemble:
             member_opt = []
+            export_s = 0.0
             for i, m in enumerate(members):
                 _step(args, f"[1/4] exporting member {i + 1}/{len(members)} {m.path} ({m.model_type}) to ONNX and optimizing it ({args.optimization})")
+                t_member = time.perf_counter()
                 onnx_export(m, work / f"m{i}" / "raw", args.opset)
+                export_s += time.perf_counter() - t_member
                 member_opt.append(optimize(work / f"m{i}" / "raw", work / f"m{i}" / "opt", args.optimization, m.model_type))
+            timings["export_s"] = export_s
+            t += export_s  # optimize_s: the members' optimization and the composition
             _step(args, f"[2/4] composing the ensemble graph ({args.combine})")
             graph = ensemble.compose([work / f"m{i}" / "opt" / "model.onnx" for i in range(len(members))], work / "opt" / "model.onnx", args.combine, weights, len(labels))
             raw_dir = work / "m0" / "raw"

@@ -74,6 +74,7 @@ def test_mean_ensemble_artifact_equals_the_mean_of_member_probabilities(members,
     assert fp32["status"] == "pass" and fp32["parity"]["max_abs_diff"] < 1e-4
     assert m["default_variant"]["cpu"] in ("int8-static", "fp32")
     assert m["source"]["ensemble"] == [str(p.resolve()) for p in members]
+    assert m["timings"]["export_s"] > 0 and m["timings"]["optimize_s"] > 0  # the members' export and optimization apart
 
 
 @pytest.mark.parametrize("combine", ["weighted", "vote"])
