@@ -124,7 +124,8 @@ def summary_rows(artifact_manifest: dict[str, Any], bench_report: dict[str, Any]
             _fmt(held.get("agreement"), ".2%"), f"{v['bytes'] / 1e6:.1f}", _fmt(speed.get(name), ".2f", "-") + ("x" if name in speed else ""),
             {True: "yes", False: "no", None: "-"}[v.get("batch_invariant")], ",".join(marks) or "-",
         ])
-    where = f"speedup over PyTorch eager fp32 on CPU at batch {cell[0]} x seq {cell[1]}" if cell else "no CPU bench"
+    size = "image" if artifact_manifest.get("task") == "image-classification" else "seq"
+    where = f"speedup over PyTorch eager fp32 on CPU at batch {cell[0]} x {size} {cell[1]}" if cell else "no CPU bench"
     headers = ["variant", "status", "accuracy", "Δacc pts", "agreement", "MB", "speedup", "batch-invariant", "default for"]
     return headers, rows, where
 
@@ -189,7 +190,8 @@ def pipeline(args: PipelineArgs) -> int:
         report = json.loads((bench_dir / "bench.json").read_text(encoding="utf-8"))
     headers, rows, where = summary_rows(manifest, report)
     held = next((((v.get("parity") or {}).get("heldout")) for v in manifest["variants"].values() if (v.get("parity") or {}).get("heldout")), None)
-    head = f"PyTorch accuracy {held['pytorch']['accuracy']:.4f} on {held['examples']} held-out texts; " if held else ""
+    unit = "images" if manifest.get("task") == "image-classification" else "texts"
+    head = f"PyTorch accuracy {held['pytorch']['accuracy']:.4f} on {held['examples']} held-out {unit}; " if held else ""
     banner("summary")
     print(head + where)
     print(text_table(headers, rows))

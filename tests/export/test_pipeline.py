@@ -68,3 +68,22 @@ def test_pipeline_config_errors_are_collected_before_any_stage(tmp_path, capsys)
 def test_pipeline_section_must_be_a_mapping(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", output=str(tmp_path / "run"), export="fp32")
     run_fails(["pipeline", "--config", str(cfg)], capsys, "export", "mapping")
+
+
+def test_pipeline_on_an_image_checkpoint(tmp_path, capsys):
+    from tests.images import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "img", "resnet")
+    cfg = write_config(
+        tmp_path / "pipeline.yaml",
+        output=str(tmp_path / "run"),
+        export={"variants": ["fp32"], "threads": 1, "quiet": True, "parity_batch_sizes": [1, 2]},
+        bench={"batch_sizes": [1, 4], "max_seconds": 0.2, "window_seconds": 0.01, "warmup": 1, "threads": 1, "quiet": True},
+    )
+    rc, out, err = run(["pipeline", "--config", str(cfg), "--checkpoint", str(ckpt)], capsys)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    size = json.loads((tmp_path / "run" / "artifact" / "ferry.json").read_text())["image_size"]["height"]
+    assert [r[0] for r in summary["rows"]] == ["fp32"] and summary["rows"][0][1] == "pass"
+    assert f"batch 4 x image {size}" in summary["note"]
+    assert "held-out images" in out
