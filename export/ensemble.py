@@ -186,6 +186,17 @@ def compose(member_files: Sequence[Path], out: Path, combine: str, weights: Sequ
     return {"inputs": list(inputs), "member_inputs": member_inputs}
 
 
+def combine_probs(probs: Sequence[Any], weights: Sequence[float], combine: str) -> Any:
+    """log of the members' probabilities combined as the graph combines them (floored at FLOOR)."""
+    import torch
+
+    mean = sum(w * p for w, p in zip(weights, probs))
+    if combine == "vote":
+        votes = sum(torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).float() for p in probs)
+        mean = (votes + mean) / (len(probs) + 1)
+    return torch.log(torch.clamp_min(mean, FLOOR))
+
+
 def torch_ensemble(models: Sequence[Any], weights: Sequence[float], combine: str) -> Any:
     """The PyTorch reference: the members' own models, combined as the graph combines them."""
     import torch
@@ -196,19 +207,19 @@ def torch_ensemble(models: Sequence[Any], weights: Sequence[float], combine: str
             self.members = torch.nn.ModuleList(models)
             self.config = models[0].config  # vocabulary and positions: the shared tokenizer's
             self.accepts = [set(inspect.signature(m.forward).parameters) for m in models]
+            self.weights, self.combine = list(weights), combine
+
+        def member_probs(self, **feeds: Any) -> list[Any]:
+            """Each member's probabilities; each member gets only the inputs it takes."""
+            return [
+                torch.softmax(m(**{k: v for k, v in feeds.items() if k in accepts}).logits.float(), dim=-1)
+                for m, accepts in zip(self.members, self.accepts)
+            ]
 
         def forward(self, **feeds: Any) -> Any:
             from types import SimpleNamespace
 
-            probs = [
-                torch.softmax(m(**{k: v for k, v in feeds.items() if k in accepts}).logits.float(), dim=-1)
-                for m, accepts in zip(self.members, self.accepts)
-            ]
-            mean = sum(w * p for w, p in zip(weights, probs))
-            if combine == "vote":
-                votes = sum(torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).float() for p in probs)
-                mean = (votes + mean) / (len(probs) + 1)
-            return SimpleNamespace(logits=torch.log(torch.clamp_min(mean, FLOOR)))
+            return SimpleNamespace(logits=combine_probs(self.member_probs(**feeds), self.weights, self.combine))
 
     return Ensemble().eval()
 
@@ -227,19 +238,30 @@ def load_ensemble(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
     return members[0], torch_ensemble(models, weights, spec["combine"]), load_tokenizer(members[0].path)
 
 
-def member_accuracies(models: Sequence[Any], tokenizer: Any, labelled: Any, max_length: int, input_names: Sequence[str]) -> list[float]:
-    """Each member's PyTorch accuracy on the held-out texts."""
-    import numpy as np
+def heldout_pass(ensemble: Any, tokenizer: Any, labelled: Any, max_length: int, input_names: Sequence[str],
+                 progress: Any = None) -> tuple[Any, list[float]]:
+    """One pass of the members over the held-out texts.
 
-    from export.parity import text_batches, torch_logits
+    Returns the ensemble's logits in text order (what ``parity.build_reference`` computes, by
+    the same batches and the same :func:`combine_probs`) and each member's accuracy.
+    """
+    import numpy as np
+    import torch
+
+    from export.parity import text_batches
 
     batches, index = text_batches(tokenizer, labelled.texts, max_length, input_names)
     y = np.asarray(labelled.label_ids)
-    out = []
-    for model in models:
-        alone = torch_ensemble([model], [1.0], "mean")  # passes each member only the inputs it takes
-        pred = np.zeros(len(y), dtype=np.int64)
-        for feeds, ix in zip(batches, index):
-            pred[ix] = torch_logits(alone, feeds).argmax(-1)
-        out.append(float((pred == y).mean()))
-    return out
+    logits = None
+    pred = np.zeros((len(ensemble.members), len(y)), dtype=np.int64)
+    wrap = progress or (lambda it, desc: it)
+    with torch.inference_mode():
+        for feeds, ix in zip(wrap(batches, "PyTorch members, held-out"), index):
+            probs = ensemble.member_probs(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+            out = combine_probs(probs, ensemble.weights, ensemble.combine).numpy()
+            if logits is None:
+                logits = np.zeros((len(y), out.shape[-1]), dtype=np.float32)
+            logits[ix] = out
+            for i, p in enumerate(probs):
+                pred[i, ix] = p.argmax(-1).numpy()
+    return logits, [float((row == y).mean()) for row in pred]

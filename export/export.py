@@ -415,7 +415,18 @@ def export(args: ExportArgs) -> int:
         _step(args, "[4/4] parity with PyTorch" + (f" on {labelled.source} ({len(labelled.texts)} texts)" if labelled else " (no labelled data)"))
         order = [v for v in VARIANT_FILES if v in variants]
         paths = {name: staging / VARIANT_FILES[name] for name in order}
-        results = run_parity(paths, model, tokenizer, labels, labelled, max_length, inputs, args)
+        heldout_logits, accuracies = None, [None] * len(members)
+        if args.ensemble and labelled:
+            import torch
+
+            from export.parity import _progress
+
+            torch.set_num_threads(args.threads or default_threads())
+            # the members run once: the reference's held-out logits and each member's accuracy
+            heldout_logits, accuracies = ensemble.heldout_pass(
+                model, tokenizer, labelled, max_length, inputs, None if args.quiet else _progress
+            )
+        results = run_parity(paths, model, tokenizer, labels, labelled, max_length, inputs, args, heldout_logits=heldout_logits)
         timings["parity_s"] = time.perf_counter() - t
 
         manifest_variants: dict[str, dict[str, Any]] = {}
@@ -464,7 +475,6 @@ def export(args: ExportArgs) -> int:
         }
         if args.ensemble:
             manifest["source"] = {"ensemble": [str(m.path.resolve()) for m in members], "model_type": ckpt.model_type}
-            accuracies = ensemble.member_accuracies(models, tokenizer, labelled, max_length, inputs) if labelled else [None] * len(members)
             manifest["ensemble"] = {
                 "combine": args.combine,
                 "members": [

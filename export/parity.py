@@ -228,7 +228,10 @@ class Reference:
 def build_reference(
     model: Any, tokenizer: Any, labels: Sequence[str], labelled: Labelled | None, max_length: int,
     input_names: Sequence[str], args: GateArgs, progress: Callable[[Any, str], Any] | None = None,
+    heldout_logits: np.ndarray | None = None,
 ) -> Reference:
+    """PyTorch's logits on the random cases and the held-out texts (``heldout_logits``: already
+    computed by the caller in :func:`text_batches` order, e.g. an ensemble's one member pass)."""
     vocab = int(getattr(model.config, "vocab_size", len(tokenizer)))
     cases = random_cases(tokenizer, vocab, args.parity_batch_sizes, args.parity_seq_lengths, max_length, input_names, args.seed)
     wrap = progress or (lambda it, desc: it)
@@ -236,9 +239,11 @@ def build_reference(
     batches, index, logits = [], [], None
     if labelled is not None:
         batches, index = text_batches(tokenizer, labelled.texts, max_length, input_names)
-        logits = np.zeros((len(labelled.texts), len(labels)), dtype=np.float32)
-        for feeds, ix in zip(wrap(batches, "PyTorch, held-out"), index):
-            logits[ix] = torch_logits(model, feeds)
+        logits = heldout_logits
+        if logits is None:
+            logits = np.zeros((len(labelled.texts), len(labels)), dtype=np.float32)
+            for feeds, ix in zip(wrap(batches, "PyTorch, held-out"), index):
+                logits[ix] = torch_logits(model, feeds)
         inv_ids = encode(tokenizer, labelled.texts[:INVARIANCE_TEXTS], max_length)
     else:
         rng = np.random.default_rng(args.seed + 1)
@@ -395,7 +400,7 @@ def heldout_metrics(ref: Reference, got: np.ndarray) -> dict[str, Any]:
 def run_parity(
     variants: dict[str, Path], model: Any, tokenizer: Any, labels: Sequence[str], labelled: Labelled | None,
     max_length: int, input_names: Sequence[str], args: GateArgs, device: str = "auto",
-    available: Sequence[str] | None = None,
+    available: Sequence[str] | None = None, heldout_logits: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The parity block of each variant (``{name: path}``), PyTorch computed once."""
     import torch
@@ -404,7 +409,7 @@ def run_parity(
     torch.set_num_threads(threads)
     model.eval()
     progress = None if args.quiet else _progress
-    ref = build_reference(model, tokenizer, labels, labelled, max_length, input_names, args, progress)
+    ref = build_reference(model, tokenizer, labels, labelled, max_length, input_names, args, progress, heldout_logits)
     return {name: check_variant(name, path, ref, args, device, available, progress) for name, path in variants.items()}
 
 

@@ -145,3 +145,29 @@ def test_bad_ensembles_are_one_line_errors(members, bert_ckpt, tmp_path, capsys)
     (resplit / "heldout.jsonl").write_text("\n".join(lines[1:]) + "\n", encoding="utf-8")
     run_fails(["export", "--ensemble", a, str(resplit), *out], capsys, "held-out splits differ", "--data")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("combine", ["mean", "vote"])
+def test_the_one_member_pass_gives_what_the_ensemble_forward_gives(members, combine):
+    # export computes the reference's held-out logits and the member accuracies in one pass;
+    # it must equal the PyTorch ensemble's own forward on the same batches
+    from types import SimpleNamespace
+
+    from export import ensemble
+    from export.parity import text_batches, torch_logits
+    from finetune.checkpoint import check_valid_checkpoint_dir, load_model, load_tokenizer
+
+    models = [load_model(check_valid_checkpoint_dir(m)).eval() for m in members]
+    model = ensemble.torch_ensemble(models, [0.5, 0.3, 0.2], combine)
+    tok = load_tokenizer(members[0])
+    texts, y = heldout_texts(members[0])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    logits, accs = ensemble.heldout_pass(model, tok, SimpleNamespace(texts=texts, label_ids=y), 64, names)
+    batches, index = text_batches(tok, texts, 64, names)
+    want = np.zeros_like(logits)
+    for feeds, ix in zip(batches, index):
+        want[ix] = torch_logits(model, feeds)
+    np.testing.assert_array_equal(logits, want)
+    for m, acc in zip(members, accs):
+        probs = member_probs(m, texts)
+        assert acc == pytest.approx(float((probs.argmax(-1) == np.asarray(y)).mean()))
