@@ -149,6 +149,67 @@ def heldout_pixels(ckpt: Any, labels: Sequence[str], processor: dict[str, Any], 
     return pixels, ids, str(folder)
 
 
+# int8-static of a CNN: how many leading convolutions (graph order) to keep in fp32, tried in turn
+KEEP_FP32_STEPS = (0, 1, 2, 4, 8)
+
+
+def choose_fp32_convs(quantize_keeping: Any, agreement: Any, convs: Sequence[str], gate: float) -> tuple[int, list[dict[str, Any]]]:
+    """How many leading convolutions int8-static keeps in fp32, and every try.
+
+    ``quantize_keeping(k)`` writes the variant with the first ``k`` of ``convs`` in fp32;
+    ``agreement(k)`` is its label agreement with fp32 on the validation images. The first ``k``
+    of :data:`KEEP_FP32_STEPS` that reaches ``gate`` wins; if none does, the best agreement
+    (the smallest ``k`` among equals). The early layers of a CNN are the usual int8 casualties.
+    """
+    tried: list[dict[str, Any]] = []
+    for k in KEEP_FP32_STEPS:
+        if k > len(convs):
+            break
+        quantize_keeping(k)
+        tried.append({"fp32_convs": k, "agreement": agreement(k)})
+        if tried[-1]["agreement"] >= gate:
+            return k, tried
+    best = max(tried, key=lambda t: (t["agreement"], -t["fp32_convs"]))
+    return best["fp32_convs"], tried
+
+
+def static_int8(fp32: Path, dst: Path, work: Path, calib: list[dict[str, np.ndarray]], isa: str, args: Any,
+                validation: np.ndarray | None) -> dict[str, Any]:
+    """int8-static (QDQ, Conv and MatMul) of an image graph, choosing on ``validation`` pixels
+    (never on the held-out images parity judges) which leading convolutions stay fp32."""
+    import onnx
+
+    from export.session import create_session
+
+    convs = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.op_type == "Conv"]
+
+    def path(k: int) -> Path:
+        return work / f"int8s-fp32convs{k}.onnx"
+
+    quantized: dict[int, dict[str, Any]] = {}
+
+    def quantize_keeping(k: int) -> None:
+        quantized[k] = quantize.quantize_static_int8(fp32, path(k), calib, isa, args.calibration_method, conv=True, keep_fp32=convs[:k])
+
+    if validation is None:
+        k, selection = 0, {"on": None, "note": "no validation images: every Conv quantized"}
+        quantize_keeping(0)
+    else:
+        threads = args.threads or default_threads()
+
+        def predict(model_path: Path) -> np.ndarray:
+            session = create_session(model_path, "cpu", threads)
+            return np.concatenate([session.run(["logits"], {INPUT: validation[i : i + HELDOUT_BATCH]})[0].argmax(-1)
+                                   for i in range(0, len(validation), HELDOUT_BATCH)])
+
+        reference = predict(fp32)
+        k, tried = choose_fp32_convs(quantize_keeping, lambda k: float((predict(path(k)) == reference).mean()), convs,
+                                     args.int8_min_agreement)
+        selection = {"on": f"validation/ ({len(validation)} images)", "gate": args.int8_min_agreement, "tried": tried}
+    shutil.move(str(path(k)), str(dst))
+    return {**quantized[k], "fp32_convs": convs[:k], "fp32_convs_selection": selection}
+
+
 def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int:
     """`ferry export` of an image checkpoint (options already checked by :func:`export.export.export`)."""
     from export.export import _step, choose_defaults, graph_info, quiet_libraries, summarize
@@ -177,6 +238,9 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
         files = files[: args.calibration_samples]
         calib = [{"pixel_values": preprocess([open_image(f, str(f))], processor)} for f in files]
     heldout = heldout_pixels(ckpt, labels, processor, args.data, args.parity_max_examples)
+    validation = None
+    if "int8-static" in variants and ckpt.validation is not None:
+        validation = load_pixels(ckpt.validation, labels, processor, args.parity_max_examples, "validation images")[0]
     isa = quantize.detect_isa() if args.int8_isa == "auto" else args.int8_isa
 
     with atomic_dir(output, args.overwrite, [ckpt.path]) as staging:
@@ -202,9 +266,9 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
             entries["int8"] = {"optimization": none, "quantization": q}
         if "int8-static" in variants:
             assert calib is not None
-            q = quantize.quantize_static_int8(fp32, staging / VARIANT_FILES["int8-static"], calib, isa, args.calibration_method, conv=True)
+            q = static_int8(fp32, staging / VARIANT_FILES["int8-static"], work, calib, isa, args, validation)
             q["calibration"]["source"] = str(args.calibration or ckpt.calibration)
-            q["fp32_kept"] = "normalization, activations, attention core and classifier head"
+            q["fp32_kept"] = "normalization, activations, attention core, classifier head and the convolutions in fp32_convs"
             entries["int8-static"] = {"optimization": none, "quantization": q}
         if "fp16" in variants:
             entries["fp16"] = {"optimization": fp16_image_graph(raw, staging / VARIANT_FILES["fp16"])}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import platform
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from ferry.errors import FerryError
 
@@ -153,13 +153,13 @@ class _Reader:
 
 def quantize_static_int8(
     src: Path, dst: Path, feeds: list[dict[str, Any]], isa: str, method: str = "minmax", percentile: float = 99.999,
-    conv: bool = False,
+    conv: bool = False, keep_fp32: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Static QDQ int8 calibrated on ``feeds`` (one input dict per calibration text or image).
 
-    Only MatMuls with a constant weight are quantized (and, with ``conv``, every Conv: the
-    bulk of a CNN's compute): LayerNorm, GELU and Softmax inputs, the attention core and
-    the classifier head stay fp32.
+    Only MatMuls with a constant weight are quantized (and, with ``conv``, every Conv but the
+    nodes named in ``keep_fp32``: the bulk of a CNN's compute): LayerNorm, GELU and Softmax
+    inputs, the attention core and the classifier head stay fp32.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
@@ -170,7 +170,7 @@ def quantize_static_int8(
     big = model_bytes(src) > TWO_GB
     model = onnx.load(str(src), load_external_data=True)
     linear, attention = _linear_matmuls(model)
-    convs = [n.name for n in model.graph.node if n.op_type == "Conv"] if conv else []
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name not in keep_fp32] if conv else []
     _declare_float_tensors(model, set(linear) | set(convs))
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[method]
     extra: dict[str, Any] = {

@@ -10,6 +10,8 @@ A checkpoint is a valid Hugging Face directory (``save_pretrained``, safetensors
   directory (``<label>/<file>`` copies of the test images) instead;
 - ``calibration.jsonl``: a sample of the training texts, for static quantization; for an image
   checkpoint the ``calibration/`` directory of training images;
+- ``validation/`` (image checkpoints): the validation images, on which export chooses which
+  convolutions int8-static keeps in fp32 (never on the test images);
 - ``metrics.jsonl`` and ``training_curve.png``: the training history.
 
 An image checkpoint (``ferry.json`` ``task`` is ``image-classification``) holds
@@ -38,6 +40,7 @@ HELDOUT = "heldout.jsonl"
 CALIBRATION = "calibration.jsonl"
 HELDOUT_DIR = "heldout"
 CALIBRATION_DIR = "calibration"
+VALIDATION_DIR = "validation"
 PROCESSOR_FILE = "preprocessor_config.json"
 HISTORY = "metrics.jsonl"
 CURVE = "training_curve.png"
@@ -81,6 +84,12 @@ class Checkpoint:
             return d if d.is_dir() else None
         p = self.path / CALIBRATION
         return p if p.is_file() else None
+
+    @property
+    def validation(self) -> Path | None:
+        """An image checkpoint's ``validation/`` folder (None for text, or when the run had none)."""
+        d = self.path / VALIDATION_DIR
+        return d if self.task == IMAGE and d.is_dir() else None
 
     @property
     def image_size(self) -> int | None:
@@ -179,6 +188,7 @@ def write_checkpoint(
     manifest: dict[str, Any],
     heldout: Any | None = None,
     calibration: Any | None = None,
+    validation: Any | None = None,
 ) -> None:
     """Write a complete checkpoint into ``staging``; the manifest goes last.
 
@@ -190,6 +200,7 @@ def write_checkpoint(
             manifest carries ``task`` and ``settings.image_size``).
         heldout, calibration: :class:`finetune.data.Examples` to store beside the model; for an
             image model, :class:`finetune.images.ImageExamples`, copied as ``<label>/<file>`` trees.
+        validation: image models only, copied as the ``validation/`` tree (text ignores it).
     """
     from finetune.data import write_jsonl
 
@@ -199,7 +210,8 @@ def write_checkpoint(
         write_json(staging / PROCESSOR_FILE, tokenizer)
     else:
         tokenizer.save_pretrained(staging)
-    for examples, jsonl, folder in ((heldout, HELDOUT, HELDOUT_DIR), (calibration, CALIBRATION, CALIBRATION_DIR)):
+    stored = [(heldout, HELDOUT, HELDOUT_DIR), (calibration, CALIBRATION, CALIBRATION_DIR)]
+    for examples, jsonl, folder in stored + ([(validation, None, VALIDATION_DIR)] if image else []):
         if examples is None:
             continue
         if image:

@@ -396,7 +396,8 @@ def finetune(args: FinetuneArgs) -> int:
                 "created": now_iso(),
                 "world_size": dist.world_size,
             }
-            ckpt.write_checkpoint(staging, net, tokenizer, manifest, heldout=test, calibration=_calibration(train, args))
+            ckpt.write_checkpoint(staging, net, tokenizer, manifest, heldout=test, calibration=_calibration(train, args),
+                                  validation=validation)
             publish(staging, output)
         distributed.barrier(dist)
 

@@ -60,6 +60,10 @@ def test_artifact_files_and_manifest(exported):
     assert ops.get("QuantizeLinear", 0) > 0
     if arch == "resnet":
         assert v["int8-static"]["quantization"]["quantized_nodes"] >= 5
+    # int8-static chose its fp32 convolutions on the checkpoint's validation/ images, starting with none
+    sel = v["int8-static"]["quantization"]["fp32_convs_selection"]
+    assert sel["on"].startswith("validation/") and sel["tried"][0]["fp32_convs"] == 0
+    assert len(v["int8-static"]["quantization"]["fp32_convs"]) in [t["fp32_convs"] for t in sel["tried"]]
     # Dynamic int8 quantizes MatMul/Gemm only: no ConvInteger (slow and inaccurate on CNNs).
     dyn = v["int8"]["graph_ops"]
     assert "ConvInteger" not in dyn and dyn.get("MatMulInteger", 0) > 0
@@ -125,3 +129,17 @@ def test_bench_times_pytorch_and_each_variant_on_images(exported, tmp_path, caps
     assert all(r["sequences_per_s"] > 0 for r in results)
     run_fails(["bench", str(out), "--output", str(tmp_path / "b2"), "--texts", str(ckpt / "heldout")], capsys,
               "--texts", "image-classification artifact")
+
+
+@pytest.mark.parametrize("agreements,n_convs,want_k,want_tried", [
+    ({0: 0.98, 1: 0.985, 2: 0.995, 4: 1.0}, 49, 2, [0, 1, 2]),  # the first k that reaches the gate
+    ({0: 0.95, 1: 0.97, 2: 0.97, 4: 0.96, 8: 0.9}, 49, 1, [0, 1, 2, 4, 8]),  # none does: the best, smallest k
+    ({0: 0.5, 1: 0.6}, 1, 1, [0, 1]),  # never more convolutions than the graph has
+])
+def test_choose_fp32_convs(agreements, n_convs, want_k, want_tried):
+    from export.image import choose_fp32_convs
+
+    written = []
+    k, tried = choose_fp32_convs(written.append, agreements.__getitem__, [f"conv{i}" for i in range(n_convs)], 0.99)
+    assert k == want_k and written == want_tried and [t["fp32_convs"] for t in tried] == want_tried
+    assert [t["agreement"] for t in tried] == [agreements[t] for t in want_tried]

@@ -50,6 +50,7 @@ def test_image_finetune_freeze_modes(tmp_path, data, bases, arch, freeze, capsys
     manifest = json.loads((out / "ferry.json").read_text())
     assert manifest["task"] == "image-classification" and manifest["settings"]["image_size"] == 32
     assert len(read_image_folder(c.heldout)[0]) == manifest["split"]["sizes"]["test"]
+    assert len(read_image_folder(c.validation)[0]) == manifest["split"]["sizes"]["validation"]
     assert len(read_image_folder(c.calibration)[0]) == 4
     before, after = weights(bases[arch]), weights(out)
     head = ("_fc." if arch == "effnet" else "classifier.")
