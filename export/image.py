@@ -9,7 +9,9 @@ Variants:
 
 - fp32: the exported graph (ONNX Runtime applies its own CPU optimizations at load);
 - int8-static: QDQ, Conv and constant-weight MatMul quantized, calibrated on the
-  checkpoint's ``calibration/`` images (the usual int8 for CNNs);
+  checkpoint's ``calibration/`` images (the usual int8 for CNNs); while its label agreement
+  with fp32 on the checkpoint's ``validation/`` images is under the int8 gate, the first 1, 2,
+  4, then 8 Convs stay fp32 (:func:`choose_fp32_convs`);
 - int8: dynamic quantization limited to MatMul/Gemm (ONNX Runtime's default would also make
   Conv a ConvInteger, slow and inaccurate on CNNs): meaningful for a ViT, while a CNN keeps its
   convolutions in fp32 (only its classifier is quantized);
