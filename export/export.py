@@ -269,6 +269,14 @@ def graph_info(path: Path) -> tuple[int, list[str], list[str]]:
     return int(opset), [i.name for i in model.graph.input], [o.name for o in model.graph.output]
 
 
+def default_variant_rule(cpu_default: str | None) -> dict[str, str]:
+    """The manifest's words for how :func:`choose_defaults` picked."""
+    return {
+        "cpu": "forced by --cpu-default" if cpu_default else "first passing, batch-invariant variant among " + ", ".join(CPU_DEFAULT_ORDER),
+        "gpu": "fp16 unless it failed, else fp32",
+    }
+
+
 def choose_defaults(variants: dict[str, dict[str, Any]], forced_cpu: str | None) -> dict[str, str | None]:
     """The default variant for CPU (batch-invariant and passing) and for GPU (fp16 unless it failed)."""
     cpu = None
@@ -464,10 +472,7 @@ def export(args: ExportArgs) -> int:
             "outputs": outputs,
             "variants": manifest_variants,
             "default_variant": defaults,
-            "default_variant_rule": {
-                "cpu": "forced by --cpu-default" if args.cpu_default else "first passing, batch-invariant variant among " + ", ".join(CPU_DEFAULT_ORDER),
-                "gpu": "fp16 unless it failed, else fp32",
-            },
+            "default_variant_rule": default_variant_rule(args.cpu_default),
             "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "versions": library_versions(*VERSIONS),

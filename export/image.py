@@ -214,7 +214,7 @@ def static_int8(fp32: Path, dst: Path, work: Path, calib: list[dict[str, np.ndar
 
 def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int:
     """`ferry export` of an image checkpoint (options already checked by :func:`export.export.export`)."""
-    from export.export import _step, choose_defaults, graph_info, quiet_libraries, summarize
+    from export.export import _step, choose_defaults, default_variant_rule, graph_info, quiet_libraries, summarize
     from finetune.checkpoint import load_model
     from finetune.images import PROCESSOR_FILE, load_processor
     from ferry.config import to_dict
@@ -318,10 +318,7 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
             "outputs": outputs,
             "variants": manifest_variants,
             "default_variant": defaults,
-            "default_variant_rule": {
-                "cpu": "forced by --cpu-default" if args.cpu_default else "first passing, batch-invariant variant among int8-static, fp32",
-                "gpu": "fp16 unless it failed, else fp32",
-            },
+            "default_variant_rule": default_variant_rule(args.cpu_default),
             "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "versions": library_versions("torch", "onnx", "onnxruntime", "numpy", "pillow"),
