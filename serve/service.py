@@ -64,7 +64,7 @@ MAX_BODY_BYTES = max(SETTINGS.max_texts * SETTINGS.max_chars * 6, SETTINGS.max_i
 KEYS = ("texts", "return_all_scores")
 
 _metrics: dict[str, Any] = {}
-_batch_infer: Callable[..., Awaitable[Any]] | None = None
+_infer: dict[str, Callable[..., Awaitable[Any]]] = {}  # batchable endpoint name -> its adaptive batcher
 _gate: TextGate | None = None
 
 
@@ -142,6 +142,24 @@ def _kind(value: Any) -> str:
             list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
+def _endpoint(request: Request, name: str) -> Callable[..., Awaitable[Any]]:
+    """The adaptive batcher of the batchable endpoint ``name``, found once through the app's router
+    (see :func:`batcher`); the first one found also makes the gate."""
+    global _gate
+    if name not in _infer:
+        for route in getattr(request.scope.get("router"), "routes", []):
+            factory = getattr(getattr(getattr(route, "endpoint", None), "func", None), "__self__", None)
+            if getattr(route, "name", None) == name and hasattr(factory, "batch_infer"):
+                _infer[name] = functools.partial(factory.batch_infer, name)
+                if name in getattr(factory, "dispatchers", {}):
+                    cap_cork_wait(factory.dispatchers[name].optimizer)
+                _gate = _gate or TextGate(2 * MAX_BATCH_SIZE)  # one batch running, one forming
+                break
+        else:
+            raise RuntimeError(f"BentoML's {name} endpoint was not found in the app's routes; is bentoml < 1.5?")
+    return _infer[name]
+
+
 def batcher(request: Request) -> Callable[[list[str]], Awaitable[list[dict[str, Any]]]]:
     """The batchable endpoint's adaptive batcher, called in process.
 
@@ -151,19 +169,7 @@ def batcher(request: Request) -> Callable[[list[str]], Awaitable[list[dict[str, 
     /classify feeds the same dispatcher that serves POST /batch (one queue, one batching
     policy, BentoML's adaptive-batch-size metric included), found through the app's router.
     """
-    global _batch_infer, _gate
-    if _batch_infer is None:
-        for route in getattr(request.scope.get("router"), "routes", []):
-            factory = getattr(getattr(getattr(route, "endpoint", None), "func", None), "__self__", None)
-            if getattr(route, "name", None) == "batch" and hasattr(factory, "batch_infer"):
-                _batch_infer = functools.partial(factory.batch_infer, "batch")
-                if "batch" in getattr(factory, "dispatchers", {}):
-                    cap_cork_wait(factory.dispatchers["batch"].optimizer)
-                _gate = TextGate(2 * MAX_BATCH_SIZE)  # one batch running, one forming
-                break
-        else:
-            raise RuntimeError("BentoML's batch endpoint was not found in the app's routes; is bentoml < 1.5?")
-    infer = _batch_infer
+    infer = _endpoint(request, "batch")
     return lambda texts: infer((texts,), {})
 
 
@@ -208,24 +214,9 @@ async def classify(request: Request) -> JSONResponse:
     return JSONResponse({"results": results})
 
 
-_image_infer: Callable[..., Awaitable[Any]] | None = None
-
-
 def image_batcher(request: Request) -> Callable[[list[Any]], Awaitable[Any]]:
     """The batch_image endpoint's adaptive batcher, called in process (see :func:`batcher`)."""
-    global _image_infer, _gate
-    if _image_infer is None:
-        for route in getattr(request.scope.get("router"), "routes", []):
-            factory = getattr(getattr(getattr(route, "endpoint", None), "func", None), "__self__", None)
-            if getattr(route, "name", None) == "batch_image" and hasattr(factory, "batch_infer"):
-                _image_infer = functools.partial(factory.batch_infer, "batch_image")
-                if "batch_image" in getattr(factory, "dispatchers", {}):
-                    cap_cork_wait(factory.dispatchers["batch_image"].optimizer)
-                _gate = _gate or TextGate(2 * MAX_BATCH_SIZE)
-                break
-        else:
-            raise RuntimeError("BentoML's batch_image endpoint was not found in the app's routes; is bentoml < 1.5?")
-    infer = _image_infer
+    infer = _endpoint(request, "batch_image")
     return lambda pixels: infer((np.stack(pixels),), {})
 
 
