@@ -66,18 +66,18 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json_object(path: Path, missing: str, where: str | None = None) -> dict[str, Any]:
-    """A JSON object from ``path``; FerryError with ``missing`` when there is no file, and
-    naming ``where`` (default: the path) when it is not a JSON object."""
+def read_json_object(path: Path, missing: str, where: str | None = None, error: type[FerryError] = FerryError) -> dict[str, Any]:
+    """A JSON object from ``path``; ``error`` (a FerryError) with ``missing`` when there is no
+    file, and naming ``where`` (default: the path) when it is not a JSON object."""
     where = where or str(path)
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FerryError(missing) from None
+        raise error(missing) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FerryError(f"{where}: not valid JSON ({e})") from None
+        raise error(f"{where}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise FerryError(f"{where}: expected a JSON object")
+        raise error(f"{where}: expected a JSON object")
     return data
 
 

@@ -25,12 +25,11 @@ it then has no held-out data of its own.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from ferry.errors import CheckpointError, FerryError
-from ferry.files import MANIFEST, read_manifest, sha256_file, write_json
+from ferry.files import MANIFEST, read_json_object, read_manifest, sha256_file, write_json
 
 STAGE = "finetune"
 TEXT = "text-classification"
@@ -127,12 +126,10 @@ def check_valid_checkpoint_dir(path: str | Path, flag: str = "CHECKPOINT") -> Ch
             )
         raise CheckpointError(f"{flag} {path}: no such directory; {MAKE_ONE}")
     config_path = p / "config.json"
+    missing = f"{flag} {path}: no config.json, so this is not a model checkpoint; {MAKE_ONE}"
     if not config_path.is_file():
-        raise CheckpointError(f"{flag} {path}: no config.json, so this is not a model checkpoint; {MAKE_ONE}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+        raise CheckpointError(missing)
+    config = read_json_object(config_path, missing, error=CheckpointError)
     archs = config.get("architectures") or []
     if not any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in archs):
         raise CheckpointError(

@@ -11,7 +11,6 @@ normalize that training, evaluation, export parity and serving all use, so they 
 from __future__ import annotations
 
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ferry.errors import DataError
+from ferry.files import read_json_object
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -181,14 +181,10 @@ def load_processor(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         p = p / PROCESSOR_FILE
-    if not p.is_file():
-        raise DataError(f"{p}: no such file; an image checkpoint needs its {PROCESSOR_FILE}")
-    try:
-        proc = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(proc, dict):
-        raise DataError(f"{p}: expected a JSON object")
+    missing = f"{p}: no such file; an image checkpoint needs its {PROCESSOR_FILE}"
+    if not p.is_file():  # a directory of that name too
+        raise DataError(missing)
+    proc = read_json_object(p, missing, error=DataError)
     problems = []
     size = proc.get("size")
     if proc.get("do_resize", True) and not (
