@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from export import ensemble, quantize
 from export.ensemble import COMBINE
@@ -269,11 +269,21 @@ def graph_info(path: Path) -> tuple[int, list[str], list[str]]:
     return int(opset), [i.name for i in model.graph.input], [o.name for o in model.graph.output]
 
 
-def default_variant_rule(cpu_default: str | None) -> dict[str, str]:
-    """The manifest's words for how :func:`choose_defaults` picked."""
+def manifest_common(args: Any, variants: dict[str, dict[str, Any]], defaults: dict[str, str | None], isa: str,
+                    timings: dict[str, float], versions: Sequence[str]) -> dict[str, Any]:
+    """The artifact manifest's fields that text and image exports share: the variants, the
+    defaults and how they were picked, settings, timings, library versions, time."""
     return {
-        "cpu": "forced by --cpu-default" if cpu_default else "first passing, batch-invariant variant among " + ", ".join(CPU_DEFAULT_ORDER),
-        "gpu": "fp16 unless it failed, else fp32",
+        "variants": variants,
+        "default_variant": defaults,
+        "default_variant_rule": {
+            "cpu": "forced by --cpu-default" if args.cpu_default else "first passing, batch-invariant variant among " + ", ".join(CPU_DEFAULT_ORDER),
+            "gpu": "fp16 unless it failed, else fp32",
+        },
+        "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "versions": library_versions(*versions),
+        "created": now_iso(),
     }
 
 
@@ -470,13 +480,7 @@ def export(args: ExportArgs) -> int:
             "opset": opset,
             "inputs": inputs,
             "outputs": outputs,
-            "variants": manifest_variants,
-            "default_variant": defaults,
-            "default_variant_rule": default_variant_rule(args.cpu_default),
-            "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
-            "timings": {k: round(v, 2) for k, v in timings.items()},
-            "versions": library_versions(*VERSIONS),
-            "created": now_iso(),
+            **manifest_common(args, manifest_variants, defaults, isa, timings, VERSIONS),
         }
         if args.ensemble:
             manifest["source"] = {"ensemble": [str(m.path.resolve()) for m in members], "model_type": ckpt.model_type}

@@ -214,11 +214,10 @@ def static_int8(fp32: Path, dst: Path, work: Path, calib: list[dict[str, np.ndar
 
 def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int:
     """`ferry export` of an image checkpoint (options already checked by :func:`export.export.export`)."""
-    from export.export import _step, choose_defaults, default_variant_rule, graph_info, quiet_libraries, summarize
+    from export.export import _step, choose_defaults, graph_info, manifest_common, quiet_libraries, summarize
     from finetune.checkpoint import load_model
     from finetune.images import PROCESSOR_FILE, load_processor
-    from ferry.config import to_dict
-    from ferry.files import MANIFEST, atomic_dir, library_versions, now_iso, sha256_file, write_json
+    from ferry.files import MANIFEST, atomic_dir, sha256_file, write_json
 
     started = time.perf_counter()
     if args.calibration and not Path(args.calibration).is_dir():
@@ -316,13 +315,7 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
             "opset": opset,
             "inputs": inputs,
             "outputs": outputs,
-            "variants": manifest_variants,
-            "default_variant": defaults,
-            "default_variant_rule": default_variant_rule(args.cpu_default),
-            "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
-            "timings": {k: round(v, 2) for k, v in timings.items()},
-            "versions": library_versions("torch", "onnx", "onnxruntime", "numpy", "pillow"),
-            "created": now_iso(),
+            **manifest_common(args, manifest_variants, defaults, isa, timings, ("torch", "onnx", "onnxruntime", "numpy", "pillow")),
         }
         write_json(staging / MANIFEST, manifest)
 
