@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--output", required=True, help="JSON report to write")
     a = ap.parse_args()
 
-    from export.artifact import check_valid_artifact_dir
+    from runtime.artifact import check_valid_artifact_dir
     from export.bench import BenchArgs, EngineSpec, onnx_engine, summarize, text_cells, time_cell
     from export.inputs import read_jsonl_texts
     from export.parity import default_threads

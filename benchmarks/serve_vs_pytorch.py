@@ -146,7 +146,7 @@ def offline_flips(artifact: Path, variant: str, texts: list[str]) -> dict[str, A
     """What batching would do to a batch-dependent variant, measured on the runtime without its guard."""
     import numpy as np
 
-    from serve.runtime import Runtime
+    from runtime.predictor import Runtime
 
     rt = Runtime(artifact, variant=variant, device="cpu")
     rt.one_per_run = False
@@ -192,7 +192,7 @@ def main() -> int:
     parser.add_argument("--output", default="runs/serve-bench")
     args = parser.parse_args()
 
-    from export.artifact import check_valid_artifact_dir
+    from runtime.artifact import check_valid_artifact_dir
 
     artifact = check_valid_artifact_dir(args.artifact)
     variant = args.variant or (artifact.manifest.get("default_variant") or {}).get("cpu")

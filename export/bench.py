@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from export.artifact import check_valid_artifact_dir
+from runtime.artifact import check_valid_artifact_dir
 from ferry.config import opt, positive, to_dict
 from ferry.errors import CheckpointError, ConfigError, FerryError
 from ferry.files import atomic_dir, check_output_dir, library_versions, now_iso, sha256_file, write_json
@@ -214,7 +214,7 @@ def pytorch_engine(spec: EngineSpec, model: Any) -> Engine:
 
 
 def onnx_engine(spec: EngineSpec, path: Path, threads: int) -> Engine:
-    from export.session import CUDA, active_provider, create_session
+    from runtime.engines import CUDA, active_provider, create_session
 
     session = create_session(path, spec.device, threads)
     if spec.device == "cuda" and active_provider(session) != CUDA:
@@ -324,13 +324,14 @@ def image_cells(artifact: Any, batch_sizes: Sequence[int], folder: str | None, s
     """The cells of an image artifact: one per batch size at the model's one image size.
 
     Random normalized pixels, or with ``folder`` real images preprocessed by
-    ``finetune.images.preprocess`` (timed: the model only, as for texts). Sequence lengths
+    ``runtime.pixels.preprocess`` (timed: the model only, as for texts). Sequence lengths
     do not apply; ``seq_length`` holds the image size and "tokens" count images.
     """
     size = artifact.manifest.get("image_size") or {}
     h, w = int(size["height"]), int(size["width"])
     if folder:
-        from finetune.images import load_processor, open_image, preprocess, read_image_folder
+        from finetune.images import read_image_folder
+        from runtime.pixels import load_processor, open_image, preprocess
 
         files, _ = read_image_folder(folder, "--images")
         pixels = preprocess([open_image(f, str(f)) for f in files[: max(batch_sizes)]], load_processor(artifact.path))
@@ -591,7 +592,7 @@ def bench(args: BenchArgs) -> int:
         raise ConfigError("ARTIFACT is required (or --compare A.json B.json)")
     from export.export import quiet_libraries
     from export.parity import default_threads, text_table
-    from export.session import cuda_usable
+    from runtime.engines import cuda_usable
 
     started = time.perf_counter()
     artifact = check_valid_artifact_dir(args.artifact)

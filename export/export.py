@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from export import ensemble, quantize
 from export.ensemble import COMBINE
-from export.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES
+from runtime.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES
 from export.parity import GateArgs, PRECISION, default_threads, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
 from ferry.config import opt, positive, to_dict
 from ferry.errors import CheckpointError, ConfigError, DataError, FerryError

@@ -20,7 +20,7 @@ Variants:
 
 Parity reuses :mod:`export.parity`: random pixel batches (``--parity-batch-sizes``; the
 sequence lengths do not apply) and the held-out images, each preprocessed by
-``finetune.images.preprocess`` (the one implementation shared with training and serving).
+``runtime.pixels.preprocess`` (the one implementation shared with training and serving).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from export import quantize
-from export.artifact import FAIL, STAGE, VARIANT_FILES
+from runtime.artifact import FAIL, STAGE, VARIANT_FILES
 from export.parity import (
     HELDOUT_BATCH, INVARIANCE_TEXTS, Labelled, Reference, _progress, check_variant, default_threads, torch_logits,
 )
@@ -52,7 +52,8 @@ def image_size(processor: dict[str, Any]) -> tuple[int, int]:
 
 def load_pixels(folder: Path, labels: Sequence[str], processor: dict[str, Any], max_examples: int, flag: str) -> tuple[np.ndarray, list[int]]:
     """Pixels and label ids of a ``<label>/<image>`` folder, through the shared preprocessing."""
-    from finetune.images import open_image, preprocess, read_image_folder
+    from finetune.images import read_image_folder
+    from runtime.pixels import open_image, preprocess
 
     files, names = read_image_folder(folder, flag)
     known = {label: i for i, label in enumerate(labels)}
@@ -181,7 +182,7 @@ def static_int8(fp32: Path, dst: Path, work: Path, calib: list[dict[str, np.ndar
     (never on the held-out images parity judges) which leading convolutions stay fp32."""
     import onnx
 
-    from export.session import create_session
+    from runtime.engines import create_session
 
     convs = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.op_type == "Conv"]
 
@@ -216,7 +217,7 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
     """`ferry export` of an image checkpoint (options already checked by :func:`export.export.export`)."""
     from export.export import _step, choose_defaults, graph_info, manifest_common, quiet_libraries, summarize
     from finetune.checkpoint import load_model
-    from finetune.images import PROCESSOR_FILE, load_processor
+    from runtime.pixels import PROCESSOR_FILE, load_processor
     from ferry.files import MANIFEST, atomic_dir, sha256_file, write_json
 
     started = time.perf_counter()
@@ -233,7 +234,8 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
         folder = Path(args.calibration) if args.calibration else ckpt.calibration
         if folder is None:
             raise DataError(f"{ckpt.path}: no calibration/ images for int8-static; pass --calibration DIR with training images")
-        from finetune.images import open_image, preprocess, read_image_folder
+        from finetune.images import read_image_folder
+        from runtime.pixels import open_image, preprocess
 
         files, _ = read_image_folder(folder, "--calibration" if args.calibration else "calibration images")
         files = files[: args.calibration_samples]
@@ -324,7 +326,7 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
 
 def parity_image(args: Any, artifact: Any, ckpt: Any, model: Any) -> dict[str, dict[str, Any]]:
     """`ferry parity` of an image artifact: the results per checked variant."""
-    from finetune.images import load_processor
+    from runtime.pixels import load_processor
 
     processor = load_processor(artifact.path)
     height, width = image_size(processor)

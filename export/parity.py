@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from export.artifact import FAIL, PASS, UNVERIFIED, check_valid_artifact_dir
+from runtime.artifact import FAIL, PASS, UNVERIFIED, check_valid_artifact_dir
 from export.inputs import collate, encode, pad_id, random_ids, read_jsonl_texts
 from ferry.config import non_negative, opt, positive
 from ferry.errors import ArtifactError, CheckpointError, DataError, FerryError
@@ -316,7 +316,7 @@ def check_variant(
     progress: Callable[[Any, str], Any] | None = None,
 ) -> dict[str, Any]:
     """Parity of one variant's ONNX file against the reference; returns its parity block."""
-    from export.session import CUDA, active_provider, available_providers, create_session, gpu_present
+    from runtime.engines import CUDA, active_provider, available_providers, create_session, gpu_present
 
     precision = PRECISION.get(name, "fp32")
     gates = gates_for(precision, args)

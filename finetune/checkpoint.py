@@ -100,7 +100,7 @@ class Checkpoint:
             return int(size)
         proc = self.path / PROCESSOR_FILE
         if proc.is_file():
-            from finetune.images import load_processor
+            from runtime.pixels import load_processor
 
             return int(load_processor(proc)["size"]["height"])
         return None
@@ -157,7 +157,7 @@ def check_valid_checkpoint_dir(path: str | Path, flag: str = "CHECKPOINT") -> Ch
     if task == IMAGE:
         if not (p / PROCESSOR_FILE).is_file():
             raise CheckpointError(f"{flag} {path}: no {PROCESSOR_FILE}; save the image processor beside the model")
-        from finetune.images import load_processor
+        from runtime.pixels import load_processor
 
         try:
             load_processor(p / PROCESSOR_FILE)
@@ -192,7 +192,7 @@ def write_checkpoint(
     Args:
         model: a transformers PreTrainedModel for sequence or image classification.
         tokenizer: its tokenizer; for an image model the processor dict
-            (:func:`finetune.images.processor_dict`), written as preprocessor_config.json.
+            (:func:`runtime.pixels.processor_dict`), written as preprocessor_config.json.
         manifest: the manifest body; ``stage`` and ``files`` are filled in here (an image
             manifest carries ``task`` and ``settings.image_size``).
         heldout, calibration: :class:`finetune.data.Examples` to store beside the model; for an

@@ -67,7 +67,7 @@ def evaluate(args: EvaluateArgs) -> int:
         import torch
 
         from finetune.imagemodel import image_logits, load_pixels
-        from finetune.images import load_processor
+        from runtime.pixels import load_processor
 
         pixels = load_pixels(examples.texts, load_processor(ckpt.path))
         logits = image_logits(model, pixels, args.batch_size, torch.device("cpu")).numpy()

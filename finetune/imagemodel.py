@@ -44,7 +44,7 @@ def load_image_base(model: str, labels: list[str], dropout: float | None, image_
 
     from ferry.files import resolve
     from finetune.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteForImageClassification, load_lukemelas_weights, register
-    from finetune.images import processor_dict
+    from runtime.pixels import processor_dict
 
     register()
     id2label = {i: label for i, label in enumerate(labels)}
@@ -200,8 +200,8 @@ def augment(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, flo
 
 
 def load_pixels(paths: list[str], processor: dict[str, Any]) -> torch.Tensor:
-    """Decode and preprocess image files (:func:`finetune.images.preprocess`) into one float32 tensor."""
-    from finetune.images import open_image, preprocess
+    """Decode and preprocess image files (:func:`runtime.pixels.preprocess`) into one float32 tensor."""
+    from runtime.pixels import open_image, preprocess
 
     chunks = []
     for start in range(0, len(paths), 256):  # bounded PIL memory: decode, preprocess, drop the images

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from export.artifact import check_valid_artifact_dir
-from export.session import OPT_LEVELS
+from runtime.artifact import check_valid_artifact_dir
+from runtime.engines import OPT_LEVELS
 from ferry.config import opt, positive
 from ferry.errors import ConfigError, FerryError
 from serve.settings import BATCH_INVARIANCE, DEFAULT_MODEL, DEVICE_DEFAULTS, ServeSettings
@@ -160,12 +160,12 @@ def store(args: StoreArgs) -> int:
 
 
 def serve(args: ServeArgs) -> int:
-    from serve.runtime import Runtime
+    from runtime.predictor import Runtime
 
     if args.artifact is None:
         raise ConfigError("ARTIFACT is required")
     # Everything a worker will do at start, done here first, so bad input is one line and no server.
-    from export.artifact import check_valid_artifact_dir
+    from runtime.artifact import check_valid_artifact_dir
     from serve.image import ImageRuntime
 
     image = check_valid_artifact_dir(args.artifact).task == "image-classification"

@@ -17,7 +17,7 @@ Validation, each a one-line JSON error, never a 500:
 - 422: bytes that are not a decodable image (unknown format, truncated, corrupt): the
   request is well formed, its content cannot be processed.
 
-Images are opened and preprocessed by ``finetune.images.open_image`` and ``preprocess``
+Images are opened and preprocessed by ``runtime.pixels.open_image`` and ``preprocess``
 (the implementation training and export parity use); no PyTorch on this path.
 """
 
@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from export.artifact import Artifact, check_valid_artifact_dir
-from export.session import available_providers, create_session
+from runtime.artifact import Artifact, check_valid_artifact_dir
+from runtime.engines import available_providers, create_session
 from ferry.errors import ArtifactError, DataError
-from serve.runtime import VariantSession, softmax
+from runtime.predictor import VariantSession, softmax
 
 TASK = "image-classification"
 KEYS = ("images", "return_all_scores")
@@ -135,7 +135,7 @@ def decode(raw: bytes, where: str, processor: dict[str, Any], max_pixels: int) -
     """One image's pixels ``[3, H, W]``; 413 past ``max_pixels``, 422 for bytes that are not an image."""
     from PIL import Image
 
-    from finetune.images import open_image, preprocess
+    from runtime.pixels import open_image, preprocess
 
     try:  # the header alone gives the size: refuse a decompression bomb before decoding it
         with Image.open(io.BytesIO(raw)) as probe:
@@ -154,7 +154,7 @@ def decode(raw: bytes, where: str, processor: dict[str, Any], max_pixels: int) -
 class ImageRuntime(VariantSession):
     """preprocessor_config.json + an ONNX Runtime session for one image artifact variant.
 
-    The same roles as :class:`serve.runtime.Runtime` (variant choice, sha256 check, device
+    The same roles as :class:`runtime.predictor.Runtime` (variant choice, sha256 check, device
     fallback, batch invariance, /info) for ``pixel_values`` inputs.
     """
 
@@ -162,7 +162,7 @@ class ImageRuntime(VariantSession):
         self, artifact: str | Path | Artifact, variant: str | None = None, device: str = "auto", threads: int | None = None,
         optimization: str = "all", max_group: int | None = None, enforce_invariance: bool = True,
     ):
-        from finetune.images import load_processor
+        from runtime.pixels import load_processor
 
         self.artifact = artifact if isinstance(artifact, Artifact) else check_valid_artifact_dir(artifact)
         if self.artifact.task != TASK:

@@ -47,7 +47,7 @@ from starlette.routing import Route
 
 from ferry.errors import FerryError
 from serve.batching import Overloaded, TextGate, cap_cork_wait, in_chunks
-from serve.runtime import Runtime, check_startup, resolve_device
+from runtime.predictor import Runtime, check_startup, resolve_device
 from serve.settings import ServeSettings
 
 log = logging.getLogger("bentoml.ferry")  # BentoML configures the "bentoml" logger in its workers
@@ -320,7 +320,7 @@ class Ferry:
     def __init__(self) -> None:
         path, self.model_tag = model_path()
         try:
-            from export.artifact import check_valid_artifact_dir
+            from runtime.artifact import check_valid_artifact_dir
             from serve.image import ImageRuntime
 
             image = check_valid_artifact_dir(path).task == "image-classification"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.artifact import check_valid_artifact_dir
-from export.session import cuda_usable
+from runtime.artifact import check_valid_artifact_dir
+from runtime.engines import cuda_usable
 from ferry.files import sha256_file
 from tests.export.conftest import FAST, LABELS, make_checkpoint, manifest, run
 

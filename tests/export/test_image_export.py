@@ -74,7 +74,8 @@ def test_fp32_dynamic_batch_matches_pytorch(exported):
     import torch
     from transformers import AutoModelForImageClassification
 
-    from finetune.images import load_processor, open_image, preprocess, read_image_folder
+    from finetune.images import read_image_folder
+    from runtime.pixels import load_processor, open_image, preprocess
 
     _, ckpt, out = exported
     files, _ = read_image_folder(ckpt / "heldout")

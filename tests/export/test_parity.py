@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.session import cuda_usable, gpu_present
+from runtime.engines import cuda_usable, gpu_present
 from tests import tiny
 from tests.export.conftest import FAST, manifest, run
 

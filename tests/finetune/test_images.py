@@ -16,6 +16,7 @@ from PIL import Image
 from ferry.errors import CheckpointError, DataError
 from finetune import checkpoint as ck
 from finetune import images
+from runtime import pixels
 from tests import tiny
 
 
@@ -76,30 +77,30 @@ def png_bytes(img: Image.Image) -> bytes:
 
 def test_open_image_rejects_bad_files(tmp_path):
     with pytest.raises(DataError, match="up.txt: not an image"):
-        images.open_image(b"plain text", "up.txt")
+        pixels.open_image(b"plain text", "up.txt")
     data = png_bytes(tiny.image("red", 64))
     with pytest.raises(DataError, match="cut.png: cannot (decode|open)"):
-        images.open_image(data[: len(data) // 2], "cut.png")
+        pixels.open_image(data[: len(data) // 2], "cut.png")
     with pytest.raises(DataError, match="big.png: 64x64 = 4096 pixels, more than the limit of 1000"):
-        images.open_image(data, "big.png", max_pixels=1000)
+        pixels.open_image(data, "big.png", max_pixels=1000)
 
 
 def test_open_image_converts_modes_to_rgb():
     gray = Image.new("L", (2, 1), 100)
-    assert images.open_image(png_bytes(gray), "g").getpixel((0, 0)) == (100, 100, 100)
+    assert pixels.open_image(png_bytes(gray), "g").getpixel((0, 0)) == (100, 100, 100)
     rgba = Image.new("RGBA", (1, 1), (0, 0, 0, 0))  # fully transparent black -> white
-    assert images.open_image(png_bytes(rgba), "a").getpixel((0, 0)) == (255, 255, 255)
+    assert pixels.open_image(png_bytes(rgba), "a").getpixel((0, 0)) == (255, 255, 255)
     half = Image.new("RGBA", (1, 1), (0, 0, 0, 128))
-    assert images.open_image(png_bytes(half), "h").getpixel((0, 0)) == (127, 127, 127)
+    assert pixels.open_image(png_bytes(half), "h").getpixel((0, 0)) == (127, 127, 127)
     g16 = Image.fromarray(np.array([[65535, 257 * 10]], dtype=np.uint16))
     assert g16.mode.startswith("I")
-    out = images.open_image(png_bytes(g16), "w")
+    out = pixels.open_image(png_bytes(g16), "w")
     assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (10, 10, 10)
     pal = Image.new("RGB", (1, 1), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
-    assert images.open_image(png_bytes(pal), "p").getpixel((0, 0)) == (10, 200, 30)
+    assert pixels.open_image(png_bytes(pal), "p").getpixel((0, 0)) == (10, 200, 30)
     buf = io.BytesIO()
     Image.new("CMYK", (1, 1), (0, 0, 0, 0)).save(buf, format="JPEG")
-    assert images.open_image(buf.getvalue(), "c").getpixel((0, 0))[0] > 240
+    assert pixels.open_image(buf.getvalue(), "c").getpixel((0, 0))[0] > 240
 
 
 # --- preprocess ---------------------------------------------------------------------------------------
@@ -107,30 +108,30 @@ def test_open_image_converts_modes_to_rgb():
 def test_preprocess_matches_vit_image_processor(tmp_path):
     from transformers import ViTImageProcessor
 
-    proc = images.processor_dict(24, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    proc = pixels.processor_dict(24, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     imgs = [tiny.image("red", 37, 1), tiny.image("blue", 13, 2), tiny.image("green", 24, 3).resize((50, 17))]
     hf = ViTImageProcessor(**{k: v for k, v in proc.items() if k != "image_processor_type"})
     expected = hf(images=imgs, return_tensors="np")["pixel_values"]
-    got = images.preprocess(imgs, proc)
+    got = pixels.preprocess(imgs, proc)
     assert got.dtype == np.float32 and got.shape == (3, 3, 24, 24)
     assert np.abs(got - expected).max() <= 1e-5
     # The file we write is the one HF writes, and HF opens ours.
     hf.save_pretrained(tmp_path / "hf")
-    theirs = json.loads((tmp_path / "hf" / images.PROCESSOR_FILE).read_text())
+    theirs = json.loads((tmp_path / "hf" / pixels.PROCESSOR_FILE).read_text())
     assert {k: theirs[k] for k in proc} == proc
     (tmp_path / "ours").mkdir()
-    (tmp_path / "ours" / images.PROCESSOR_FILE).write_text(json.dumps(proc))
+    (tmp_path / "ours" / pixels.PROCESSOR_FILE).write_text(json.dumps(proc))
     reopened = ViTImageProcessor.from_pretrained(tmp_path / "ours")
     assert np.abs(reopened(images=imgs, return_tensors="np")["pixel_values"] - got).max() <= 1e-5
-    assert images.load_processor(tmp_path / "hf")["size"] == {"height": 24, "width": 24}
+    assert pixels.load_processor(tmp_path / "hf")["size"] == {"height": 24, "width": 24}
 
 
 def test_load_processor_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        images.load_processor(tmp_path)
-    (tmp_path / images.PROCESSOR_FILE).write_text(json.dumps({"size": {"shortest_edge": 4}, "image_mean": [0.5], "image_std": [1, 1, 1]}))
+        pixels.load_processor(tmp_path)
+    (tmp_path / pixels.PROCESSOR_FILE).write_text(json.dumps({"size": {"shortest_edge": 4}, "image_mean": [0.5], "image_std": [1, 1, 1]}))
     with pytest.raises(DataError, match=r"size must be .*; image_mean must be 3 numbers"):
-        images.load_processor(tmp_path)
+        pixels.load_processor(tmp_path)
 
 
 def test_images_module_imports_no_torch():
@@ -142,7 +143,7 @@ def test_mnist_converter(tmp_path):
     assert images.write_mnist(tmp_path / "m", limit=30) == 30
     files, labels = images.read_image_folder(tmp_path / "m")
     assert len(files) == 30 and set(labels) <= set("0123456789") and set(labels) == set("0123456789")
-    img = images.open_image(files[0], str(files[0]))
+    img = pixels.open_image(files[0], str(files[0]))
     a = np.asarray(img)
     assert img.size == (28, 28) and a.max() > 200 and a.min() == 0  # a real digit: ink on black
 
@@ -225,7 +226,7 @@ def write_image_checkpoint(tmp_path: Path, folder: Path) -> Path:
     out = tmp_path / "ckpt"
     out.mkdir()
     ck.write_checkpoint(
-        out, model, images.processor_dict(32, [0.5] * 3, [0.5] * 3),
+        out, model, pixels.processor_dict(32, [0.5] * 3, [0.5] * 3),
         {"task": ck.IMAGE, "settings": {"image_size": 32}},
         heldout=ex.subset([0, 4, 8], "test"), calibration=ex.subset([1, 5], "train"),
     )

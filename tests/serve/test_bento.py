@@ -47,7 +47,8 @@ def test_store_build_and_export_a_bento_that_carries_its_model(bento, served_art
     info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     assert info["service"] == "serve.service:Ferry"
     assert [m["tag"] for m in info["services"][0]["models"]] == [tag]
-    assert (bento_dir / "src" / "serve" / "service.py").is_file() and (bento_dir / "src" / "export" / "artifact.py").is_file()
+    assert (bento_dir / "src" / "serve" / "service.py").is_file() and (bento_dir / "src" / "runtime" / "artifact.py").is_file()
+    assert not (bento_dir / "src" / "export").exists() and not (bento_dir / "src" / "finetune").exists()
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in requirements and "torch" not in requirements
 

@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from export.session import CPU, CUDA, create_session
+from runtime.engines import CPU, CUDA, create_session
 from ferry.errors import ArtifactError, ConfigError, FerryError
 from ferry.files import sha256_file
-from serve import runtime as rt_module
-from serve.runtime import Runtime, length_groups, resolve_device
+from runtime import predictor as rt_module
+from runtime.predictor import Runtime, length_groups, resolve_device
 from serve.settings import ServeSettings
 from tests.serve.conftest import ROOT
 
@@ -235,7 +235,7 @@ def test_the_serving_path_imports_no_torch(served_artifact):
         "import sys\n"
         "sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
         "sys.modules['transformers'] = None\n"
-        "from serve.runtime import Runtime\n"
+        "from runtime.predictor import Runtime\n"
         "rt = Runtime(sys.argv[1], device='cpu')\n"
         "assert rt.classify(['pizza'])[0]['label']\n"
         "import serve.service, serve.cli, serve.loadbench\n"
@@ -264,7 +264,7 @@ def test_ready_only_after_the_warm_up_inference(served_artifact):
 def test_real_cuda_serves_fp16_through_io_binding(tmp_path):
     """On a real GPU: the exported fp16 variant is verified there, served by default through
     IO binding, and answers like the fp32 graph on CPU (labels equal, probabilities close)."""
-    from export.session import cuda_usable
+    from runtime.engines import cuda_usable
     from ferry.cli import main
     from tests.serve.conftest import trained_checkpoint
 

@@ -20,9 +20,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from export.artifact import UNVERIFIED, Artifact, Variant, check_valid_artifact_dir
-from export.session import CPU, CUDA, active_provider, available_providers, choose_providers, create_session
-from export.session import gpu_present as session_gpu_present
+from runtime.artifact import UNVERIFIED, Artifact, Variant, check_valid_artifact_dir
+from runtime.engines import CPU, CUDA, active_provider, available_providers, choose_providers, create_session
+from runtime.engines import gpu_present as session_gpu_present
 from ferry.errors import ArtifactError, FerryError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -161,7 +161,7 @@ def check_startup(path: str | Path, variant: str | None, device: str) -> Variant
     v = select_variant(artifact, variant, resolve_device(device))
     v.verify()
     if artifact.task == "image-classification":
-        from finetune.images import load_processor
+        from runtime.pixels import load_processor
 
         try:
             load_processor(artifact.path)
@@ -244,7 +244,7 @@ class Runtime(VariantSession):
         max_group: most texts per inference call (None: no cap beyond length grouping).
         available: the ONNX Runtime provider list, faked in tests.
         gpu_present: whether a GPU is present, faked in tests (None: look for one).
-        session_factory: builds the session (tests pass a fake); defaults to export.session.create_session.
+        session_factory: builds the session (tests pass a fake); defaults to runtime.engines.create_session.
         enforce_invariance: run a variant measured as batch-dependent (ferry.json's
             ``batch_invariant: false``) one text per inference call, so that each answer
             equals the answer alone; False trades that for batched throughput.
