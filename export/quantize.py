@@ -12,7 +12,6 @@ No PyTorch here.
 
 from __future__ import annotations
 
-import platform
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -34,22 +33,9 @@ TWO_GB = 2**31  # protobuf's limit: bigger models keep their weights in an exter
 
 def detect_isa(cpuinfo: str | None = None, machine: str | None = None) -> str:
     """The quantization target of this CPU: arm64, avx512_vnni or avx2 (also the fallback)."""
-    machine = (machine or platform.machine()).lower()
-    if machine in ("arm64", "aarch64"):
-        return "arm64"
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            cpuinfo = ""
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    if "avx512_vnni" in flags or "avx512vnni" in flags:
-        return "avx512_vnni"
-    return "avx2"
+    from runtime.hardware import read_cpu
+
+    return read_cpu(cpuinfo, machine).isa
 
 
 def op_counts(path: str | Path) -> dict[str, int]:

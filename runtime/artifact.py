@@ -45,13 +45,33 @@ from ferry.files import MANIFEST, read_manifest, sha256_file
 STAGE = "export"
 MAKE_ONE = "ferry export CHECKPOINT --output DIR makes one"
 PASS, FAIL, UNVERIFIED = "pass", "fail", "unverified"
-# The file each variant is written to.
-VARIANT_FILES = {
-    "fp32": "model.onnx",
-    "int8": "model_int8.onnx",
-    "int8-static": "model_int8_static.onnx",
-    "fp16": "model_fp16.onnx",
+
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    """A variant is one graph file run by one engine at one precision."""
+
+    file: str
+    engine: str  # "onnxruntime" | "openvino"
+    precision: str  # "fp32" | "bf16" | "int8" | "fp16"
+    device: str = "cpu"  # where it is meant to run: "cpu" or "cuda"
+
+
+# Every variant ferry knows, in the order export makes and reports them. Several variants
+# share a file: OpenVINO reads the same ONNX graphs ONNX Runtime runs.
+VARIANTS: dict[str, VariantSpec] = {
+    "fp32": VariantSpec("model.onnx", "onnxruntime", "fp32"),
+    "int8": VariantSpec("model_int8.onnx", "onnxruntime", "int8"),
+    "int8-static": VariantSpec("model_int8_static.onnx", "onnxruntime", "int8"),
+    "fp16": VariantSpec("model_fp16.onnx", "onnxruntime", "fp16", "cuda"),
+    "fp16-tensorrt": VariantSpec("model.onnx", "onnxruntime", "fp16", "cuda"),
+    "openvino-fp32": VariantSpec("model.onnx", "openvino", "fp32"),
+    "openvino-bf16": VariantSpec("model.onnx", "openvino", "bf16"),
+    "openvino-int8-static": VariantSpec("model_int8_static.onnx", "openvino", "int8"),
 }
+# The file each variant is written to.
+VARIANT_FILES = {name: spec.file for name, spec in VARIANTS.items()}
 
 
 @dataclasses.dataclass
@@ -59,6 +79,21 @@ class Variant:
     name: str
     path: Path
     info: dict[str, Any]
+
+    @property
+    def spec(self) -> VariantSpec:
+        """Engine and precision: the manifest's, else the known variant's (artifacts before engines: ONNX Runtime)."""
+        known = VARIANTS.get(self.name)
+        return VariantSpec(
+            self.info.get("file") or (known.file if known else self.path.name),
+            str(self.info.get("engine") or (known.engine if known else "onnxruntime")),
+            str(self.info.get("precision") or (known.precision if known else "fp32")),
+            str(self.info.get("device") or (known.device if known else "cpu")),
+        )
+
+    @property
+    def engine(self) -> str:
+        return self.spec.engine
 
     @property
     def status(self) -> str:

@@ -1,4 +1,4 @@
-"""The serving runtime: one artifact variant behind a tokenizer and an ONNX Runtime session.
+"""The serving runtime: one artifact variant behind a tokenizer and an engine (ONNX Runtime or OpenVINO).
 
 No PyTorch and no transformers on this path: the tokenizer is the artifact's
 ``tokenizer.json`` loaded with the ``tokenizers`` library (the same Rust tokenizer that
@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from runtime.artifact import UNVERIFIED, Artifact, Variant, check_valid_artifact_dir
-from runtime.engines import CPU, CUDA, active_provider, available_providers, choose_providers, create_session
+from runtime.engines import CPU, CUDA, Engine, available_providers, choose_providers, open_engine
 from runtime.engines import gpu_present as session_gpu_present
 from ferry.errors import ArtifactError, FerryError
 
@@ -172,18 +172,11 @@ def check_startup(path: str | Path, variant: str | None, device: str) -> Variant
     return v
 
 
-def _device_value(array: np.ndarray, device_id: int = 0) -> Any:
-    """An OrtValue holding ``array`` on the GPU (one host-to-device copy)."""
-    import onnxruntime as ort
-
-    return ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
-
-
 class VariantSession:
-    """Opens one artifact variant in ONNX Runtime: device, variant choice, sha256 check, CUDA fallback.
+    """Opens one artifact variant in its engine: device, variant choice, sha256 check, CUDA fallback.
 
     Shared by :class:`Runtime` (text) and ``serve.image.ImageRuntime``; sets ``device``, ``notes``,
-    ``variant``, ``session``, ``provider`` and ``fallback``. Needs ``artifact``, ``threads``, ``optimization``.
+    ``variant``, ``engine``, ``provider`` and ``fallback``. Needs ``artifact``, ``threads``, ``optimization``.
     """
 
     artifact: Artifact
@@ -197,8 +190,8 @@ class VariantSession:
         self.device = resolve_device(device, available, gpu_present)
         self.fallback: str | None = None
         self.variant = select_variant(self.artifact, variant, self.device, self.notes)
-        self.session = self._open(factory, available)
-        self.provider = active_provider(self.session)
+        self.engine = self._open(factory, available)
+        self.provider = self.engine.provider
         if self.device == "cuda" and self.provider != CUDA:
             # ORT lists CUDA but could not use it (no driver, no cuDNN): serve on CPU, with the CPU variant.
             self.fallback = f"CUDA provider listed but unusable, fell back to {self.provider}"
@@ -206,14 +199,15 @@ class VariantSession:
                 raise FerryError(f"--device cuda: ONNX Runtime could not use the GPU ({self.fallback}); use --device cpu")
             self.device = "cpu"
             self.variant = select_variant(self.artifact, variant, "cpu", self.notes)
-            self.session = self._open(factory, [CPU])
-            self.provider = active_provider(self.session)
+            self.engine = self._open(factory, [CPU])
+            self.provider = self.engine.provider
 
     def variant_info(self) -> dict[str, Any]:
         """The /info fields of the open variant and where it runs."""
         v = self.variant
         return {
             "variant": v.name,
+            "engine": v.engine,
             "precision": v.info.get("precision"),
             "sha256": v.info.get("sha256"),
             "provider": self.provider,
@@ -224,16 +218,17 @@ class VariantSession:
             "variants": {n: x.status for n, x in self.artifact.variants.items()},
         }
 
-    def _open(self, factory: Callable[..., Any], available: Sequence[str]) -> Any:
+    def _open(self, factory: Callable[..., Any] | None, available: Sequence[str]) -> Engine:
         self.variant.verify()  # integrity: refuse a model file whose sha256 differs from the manifest
-        return factory(
-            self.variant.path, device=self.device, threads=self.threads, optimization=self.optimization,
-            available=available,
+        spec = self.variant.spec
+        return open_engine(
+            self.variant.path, spec.engine, spec.precision, self.device, self.threads, self.optimization, available,
+            session_factory=factory, tensorrt=self.variant.name.endswith("-tensorrt"),
         )
 
 
 class Runtime(VariantSession):
-    """Tokenizer + ONNX Runtime session for one artifact variant.
+    """Tokenizer + engine for one artifact variant.
 
     Args:
         artifact: the artifact directory (``ferry export`` output).
@@ -244,7 +239,7 @@ class Runtime(VariantSession):
         max_group: most texts per inference call (None: no cap beyond length grouping).
         available: the ONNX Runtime provider list, faked in tests.
         gpu_present: whether a GPU is present, faked in tests (None: look for one).
-        session_factory: builds the session (tests pass a fake); defaults to runtime.engines.create_session.
+        session_factory: builds an ONNX Runtime session (tests pass a fake); defaults to runtime.engines.create_session.
         enforce_invariance: run a variant measured as batch-dependent (ferry.json's
             ``batch_invariant: false``) one text per inference call, so that each answer
             equals the answer alone; False trades that for batched throughput.
@@ -274,13 +269,11 @@ class Runtime(VariantSession):
         self.labels = self.artifact.labels
         self.max_length = self.artifact.max_length
         available = available_providers() if available is None else list(available)
-        factory = session_factory or create_session
         self.requested_device = device
         self.tokenizer = load_tokenizer(self.artifact, self.max_length)
-        self._open_variant(variant, device, available, factory, gpu_present)
-        self.io_binding = self.provider == CUDA
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_name = self.session.get_outputs()[0].name
+        self._open_variant(variant, device, available, session_factory, gpu_present)
+        self.io_binding = getattr(self.engine, "io_binding", False)
+        self.input_names = list(self.engine.input_names)
         known = {"input_ids", "attention_mask", "token_type_ids"}
         unknown = [n for n in self.input_names if n not in known]
         if unknown:
@@ -366,18 +359,6 @@ class Runtime(VariantSession):
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         return {name: feed[name] for name in self.input_names}
 
-    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        if not self.io_binding:
-            return self.session.run([self.output_name], feed)[0]
-        # CUDA: inputs copied once to the GPU as OrtValues, the output allocated there by
-        # ORT, then one copy back for the numpy softmax; no staging through ORT's CPU feeds.
-        binding = self.session.io_binding()
-        for name, array in feed.items():
-            binding.bind_ortvalue_input(name, _device_value(np.ascontiguousarray(array)))
-        binding.bind_output(self.output_name, "cuda")
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
-
     def run_batch(self, texts: Sequence[str]) -> Batch:
         """Probabilities for ``texts`` in their order, grouped by token length inside."""
         encodings = self.encode(texts)
@@ -388,7 +369,7 @@ class Runtime(VariantSession):
         for group in groups:
             feed = self._feed([encodings[i] for i in group])
             padded += int(feed["input_ids"].size) if "input_ids" in feed else 0
-            logits = np.asarray(self._run(feed), dtype=np.float32)
+            logits = self.engine.run(feed)
             if logits.shape != (len(group), len(self.labels)):
                 raise ArtifactError(
                     f"{self.variant.path}: logits of shape {logits.shape}, expected {(len(group), len(self.labels))} "

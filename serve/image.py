@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from runtime.artifact import Artifact, check_valid_artifact_dir
-from runtime.engines import available_providers, create_session
+from runtime.engines import available_providers
 from ferry.errors import ArtifactError, DataError
 from runtime.predictor import VariantSession, softmax
 
@@ -152,7 +152,7 @@ def decode(raw: bytes, where: str, processor: dict[str, Any], max_pixels: int) -
 
 
 class ImageRuntime(VariantSession):
-    """preprocessor_config.json + an ONNX Runtime session for one image artifact variant.
+    """preprocessor_config.json + an engine for one image artifact variant.
 
     The same roles as :class:`runtime.predictor.Runtime` (variant choice, sha256 check, device
     fallback, batch invariance, /info) for ``pixel_values`` inputs.
@@ -173,8 +173,8 @@ class ImageRuntime(VariantSession):
             self.processor = load_processor(self.artifact.path)
         except DataError as e:
             raise ArtifactError(str(e)) from None
-        self._open_variant(variant, device, available_providers(), create_session)
-        names = [i.name for i in self.session.get_inputs()]
+        self._open_variant(variant, device, available_providers(), None)
+        names = list(self.engine.input_names)
         if names != ["pixel_values"]:
             raise ArtifactError(f"{self.variant.path}: model inputs {names} are not ['pixel_values']")
         self.batch_invariant_variant: bool | None = self.variant.info.get("batch_invariant")
@@ -190,8 +190,7 @@ class ImageRuntime(VariantSession):
         step = 1 if self.one_per_run else (self.max_group or len(pixels))
         out = []
         for start in range(0, len(pixels), step):
-            (logits,) = self.session.run(["logits"], {"pixel_values": pixels[start : start + step]})
-            out.append(softmax(np.asarray(logits, dtype=np.float32)))
+            out.append(softmax(self.engine.run({"pixel_values": pixels[start : start + step]})))
         return np.concatenate(out)
 
     def format(self, probs: np.ndarray, return_all_scores: bool = False) -> dict[str, Any]:

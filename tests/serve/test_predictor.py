@@ -14,7 +14,7 @@ import pytest
 from runtime.engines import CPU, CUDA, create_session
 from ferry.errors import ArtifactError, ConfigError, FerryError
 from ferry.files import sha256_file
-from runtime import predictor as rt_module
+from runtime import engines as engines_module
 from runtime.predictor import Runtime, length_groups, resolve_device
 from serve.settings import ServeSettings
 from tests.serve.conftest import ROOT
@@ -189,13 +189,13 @@ def gpu_artifact(served_artifact, tmp_path):
 
 
 def test_cuda_serves_the_fp16_default_through_io_binding(gpu_artifact, monkeypatch):
-    monkeypatch.setattr(rt_module, "_device_value", lambda array, device_id=0: DeviceValue(array))
+    monkeypatch.setattr(engines_module, "device_value", lambda array, device_id=0: DeviceValue(array))
     rt = Runtime(gpu_artifact, available=[CUDA, CPU], gpu_present=True, session_factory=fake_factory(CUDA))
     assert (rt.device, rt.provider, rt.variant.name, rt.io_binding) == ("cuda", CUDA, "fp16", True)
     assert rt.info()["provider"] == CUDA and rt.info()["variant"] == "fp16"
     got = rt.run_batch(TEXTS)
-    binding = rt.session.bindings[-1]
-    assert set(binding.inputs) == {i.name for i in rt.session.get_inputs()}
+    binding = rt.engine.session.bindings[-1]
+    assert set(binding.inputs) == {i.name for i in rt.engine.session.get_inputs()}
     assert binding.outputs == {"logits": "cuda"}
     cpu = Runtime(gpu_artifact, variant="fp32", device="cpu")
     assert np.abs(cpu.run_batch(TEXTS).probs - got.probs).max() <= 1e-6
