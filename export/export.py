@@ -31,17 +31,25 @@ from typing import Any, Sequence
 
 from export import ensemble, quantize
 from export.ensemble import COMBINE
-from runtime.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES
-from export.parity import GateArgs, PRECISION, default_threads, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
+from runtime.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES, VARIANTS
+from export.parity import GateArgs, default_threads, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
 from ferry.config import opt, positive, to_dict
 from ferry.errors import CheckpointError, ConfigError, DataError, FerryError
 from ferry.files import MANIFEST, atomic_dir, check_output_dir, library_versions, now_iso, sha256_file, write_json
+from runtime.hardware import read_cpu
 
 TASK = "text-classification"
 CPU_LEVELS = ("O0", "O1", "O2", "O3")
 # The default CPU variant must be batch-invariant: these, in order, when they pass.
 CPU_DEFAULT_ORDER = ("int8-static", "fp32")
-VERSIONS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime", "numpy")
+VERSIONS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime", "openvino", "numpy")
+# A variant that runs another variant's file needs that variant made (its file and its quantization).
+NEEDS = {"openvino-int8-static": "int8-static"}
+# Held-out texts whose PyTorch logits the artifact keeps, so `ferry serve` can re-check a
+# variant on the machine it runs on (kernels differ between CPUs), at this many tokens.
+REFERENCE_TEXTS = 256
+REFERENCE_TOKENS = 128
+REFERENCE_FILE = "reference.jsonl"
 
 
 @dataclasses.dataclass
@@ -54,7 +62,7 @@ class ExportArgs(GateArgs):
     weights: list[float] = opt([], "with --combine weighted: one positive weight per --ensemble member (normalized)")
     output: str | None = opt(None, "artifact directory to write", short="-o")
     overwrite: bool = opt(False, "replace an existing --output")
-    variants: list[str] = opt(["fp32", "int8"], "variants to write; fp32 is always one", choices=tuple(VARIANT_FILES))
+    variants: list[str] = opt([], "variants to write, each a graph file run by one engine at one precision (fp32 is always one): fp32, int8 (dynamic), int8-static, fp16 (CUDA) and fp16-tensorrt (CUDA, TensorRT provider) in ONNX Runtime; openvino-fp32, openvino-bf16 (CPUs with AVX512-BF16 or AMX), openvino-int8-static (int8-static's graph) in OpenVINO (default: fp32, int8-static when there are calibration texts, openvino-fp32 and openvino-bf16 when openvino is installed)", choices=tuple(VARIANTS))
     opset: int | None = opt(None, "ONNX opset (default: optimum's for the architecture)", check=positive)
     optimization: str = opt("O2", "ONNX Runtime graph optimization of the CPU variants: O0 none, O1 basic, O2 transformer fusions, O3 O2 with approximate GELU", choices=CPU_LEVELS)
     int8_isa: str = opt("auto", "instruction set the int8 variants are tuned for (auto: this CPU's)", choices=("auto", *quantize.ISAS))
@@ -64,7 +72,18 @@ class ExportArgs(GateArgs):
     text_column: str = opt("text", "text column of --calibration and --data")
     label_column: str = opt("label", "label column of --data")
     data: str | None = opt(None, "labelled data for the parity gate (default: the checkpoint's heldout.jsonl)")
-    cpu_default: str | None = opt(None, "force the default CPU variant (e.g. int8, which is not batch-invariant)", choices=tuple(VARIANT_FILES))
+    cpu_default: str | None = opt(None, "force the default CPU variant (e.g. int8, which is not batch-invariant)", choices=tuple(VARIANTS))
+
+
+def default_variants(calibration: bool, openvino: bool) -> list[str]:
+    """The variants made when --variants is not given: the batch-invariant candidates for serving
+    on a CPU (ferry serve times the ones that pass and serves the fastest)."""
+    names = ["fp32"]
+    if calibration:
+        names.append("int8-static")
+    if openvino:
+        names += ["openvino-fp32", "openvino-bf16"]
+    return names
 
 
 def quiet_libraries() -> None:
@@ -269,6 +288,48 @@ def graph_info(path: Path) -> tuple[int, list[str], list[str]]:
     return int(opset), [i.name for i in model.graph.input], [o.name for o in model.graph.output]
 
 
+def variant_entry(name: str, path: Path, res: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """One variant's manifest block: its file, engine and precision, and its parity verdict."""
+    spec = VARIANTS[name]
+    inv = res.get("batch_invariance")
+    provider = {"openvino": "OpenVINO CPU"}.get(spec.engine) or (
+        ("TensorrtExecutionProvider" if name.endswith("-tensorrt") else "CUDAExecutionProvider") if spec.device == "cuda" else "CPUExecutionProvider")
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "bytes": quantize.model_bytes(path),
+        "engine": spec.engine,
+        "precision": spec.precision,
+        "device": spec.device,
+        "provider": provider,
+        "batch_invariant": None if inv is None else bool(inv["invariant"]),
+        "status": res["status"],
+        "graph_ops": quantize.op_counts(path),
+        **extra,
+        "parity": res,
+    }
+
+
+def write_reference(path: Path, model: Any, tokenizer: Any, labelled: Any, tokens: int, input_names: Sequence[str]) -> dict[str, Any]:
+    """PyTorch's logits on up to :data:`REFERENCE_TEXTS` held-out texts cut at ``tokens``, with
+    their token ids, written as JSON lines; `ferry serve` re-checks variants against them."""
+    from export.parity import text_batches, torch_logits
+
+    from export.inputs import encode
+
+    texts = labelled.texts[:REFERENCE_TEXTS]
+    batches, index = text_batches(tokenizer, texts, tokens, input_names)
+    logits: list[Any] = [None] * len(texts)
+    for feeds, ix in zip(batches, index):
+        for i, row in zip(ix, torch_logits(model, feeds)):
+            logits[i] = row
+    ids = encode(tokenizer, texts, tokens)
+    rows = [{"input_ids": i, "logits": [float(x) for x in row]} for i, row in zip(ids, logits)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {"file": path.name, "sha256": sha256_file(path), "texts": len(rows), "max_tokens": tokens,
+            "source": labelled.source, "model": "PyTorch fp32 (the export's reference)"}
+
+
 def manifest_common(args: Any, variants: dict[str, dict[str, Any]], defaults: dict[str, str | None], isa: str,
                     timings: dict[str, float], versions: Sequence[str]) -> dict[str, Any]:
     """The artifact manifest's fields that text and image exports share: the variants, the
@@ -281,6 +342,7 @@ def manifest_common(args: Any, variants: dict[str, dict[str, Any]], defaults: di
             "gpu": "fp16 unless it failed, else fp32",
         },
         "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
+        "machine": read_cpu().as_dict(),
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "versions": library_versions(*versions),
         "created": now_iso(),
@@ -314,17 +376,20 @@ def export(args: ExportArgs) -> int:
     problems = []
     if not args.output:
         problems.append("--output is required (the artifact directory to write)")
-    variants = list(dict.fromkeys(args.variants))
+    variants = list(dict.fromkeys(args.variants)) or ["fp32"]  # (the default set is resolved once the checkpoint is read)
     if "fp32" not in variants:
         problems.append("--variants must include fp32: it is the reference every other variant is made from")
-    if args.cpu_default and args.cpu_default not in variants:
+    if args.cpu_default and args.variants and args.cpu_default not in variants:
         problems.append(f"--cpu-default {args.cpu_default} is not among --variants ({', '.join(variants)})")
-    if args.cpu_default == "fp16":
-        problems.append("--cpu-default fp16: fp16 runs on CUDA only")
+    if args.cpu_default and VARIANTS[args.cpu_default].device == "cuda":
+        problems.append(f"--cpu-default {args.cpu_default}: it runs on CUDA only")
+    for name, needed in NEEDS.items():
+        if name in variants and needed not in variants:
+            problems.append(f"--variants {name} runs {needed}'s graph: add {needed} to --variants")
     if bool(args.checkpoint) == bool(args.ensemble):
         problems.append("give CHECKPOINT, or --ensemble CKPT_A CKPT_B ... for an ensemble (not both)")
-    if args.ensemble and "fp16" in variants:
-        problems.append("--variants fp16: not available for an --ensemble in this version")
+    if args.ensemble and any(VARIANTS[v].device == "cuda" for v in variants):
+        problems.append("--variants fp16, fp16-tensorrt: not available for an --ensemble in this version")
     if not args.ensemble and (args.weights or args.combine != "mean"):
         problems.append("--combine and --weights apply to an --ensemble only")
     if problems:
@@ -339,6 +404,12 @@ def export(args: ExportArgs) -> int:
         members = [check_valid_checkpoint_dir(args.checkpoint)]
     ckpt = members[0]
     sources = [m.path for m in members]
+    if not args.variants:
+        from runtime.engines import OPENVINO, engine_installed
+
+        variants = default_variants(bool(args.calibration) or ckpt.calibration is not None, engine_installed(OPENVINO))
+        if args.cpu_default and args.cpu_default not in variants:
+            raise ConfigError([f"--cpu-default {args.cpu_default} is not among the default variants ({', '.join(variants)}); add --variants"])
     if not args.ensemble and ckpt.task == "image-classification":
         from export.image import export_image
 
@@ -422,6 +493,15 @@ def export(args: ExportArgs) -> int:
         if "fp16" in variants:
             fp16_info = fp16_graph(work / "raw", work / "fp16", ckpt.model_type)
             entries["fp16"] = {"optimization": fp16_info, **place(work / "fp16" / "model.onnx", staging / VARIANT_FILES["fp16"])}
+        if "fp16-tensorrt" in variants:
+            # TensorRT builds its own fused fp16 engine from plain ONNX ops; ORT's contrib
+            # fusions (Attention, SkipLayerNormalization) would fall back to the CUDA provider.
+            plain = {"level": "none (TensorRT fuses and casts to fp16 itself: trt_fp16_enable)", "fusions": False}
+            entries["fp16-tensorrt"] = {"optimization": plain, **place(work / "raw" / "model.onnx", staging / VARIANT_FILES["fp16-tensorrt"])}
+        for name in variants:  # the OpenVINO variants read a graph made above
+            if VARIANTS[name].engine == "openvino":
+                base = NEEDS.get(name, "fp32")
+                entries[name] = {k: v for k, v in entries[base].items() if k != "external_data"}
         timings["variants_s"] = time.perf_counter() - t
 
         shutil.copy(raw_dir / "config.json", staging / "config.json")
@@ -431,7 +511,7 @@ def export(args: ExportArgs) -> int:
         # 5. Parity.
         t = time.perf_counter()
         _step(args, "[4/4] parity with PyTorch" + (f" on {labelled.source} ({len(labelled.texts)} texts)" if labelled else " (no labelled data)"))
-        order = [v for v in VARIANT_FILES if v in variants]
+        order = [v for v in VARIANTS if v in variants]
         paths = {name: staging / VARIANT_FILES[name] for name in order}
         heldout_logits, accuracies = None, [None] * len(members)
         if args.ensemble and labelled:
@@ -446,24 +526,13 @@ def export(args: ExportArgs) -> int:
             )
         results = run_parity(paths, model, tokenizer, labels, labelled, max_length, inputs, args, heldout_logits=heldout_logits)
         timings["parity_s"] = time.perf_counter() - t
+        reference = None
+        if labelled is not None:
+            t = time.perf_counter()
+            reference = write_reference(staging / REFERENCE_FILE, model, tokenizer, labelled, min(max_length, REFERENCE_TOKENS), inputs)
+            timings["reference_s"] = time.perf_counter() - t
 
-        manifest_variants: dict[str, dict[str, Any]] = {}
-        for name in order:
-            path = paths[name]
-            res = results[name]
-            inv = res.get("batch_invariance")
-            manifest_variants[name] = {
-                "file": path.name,
-                "sha256": sha256_file(path),
-                "bytes": quantize.model_bytes(path),
-                "precision": PRECISION[name],
-                "provider": "CUDAExecutionProvider" if name == "fp16" else "CPUExecutionProvider",
-                "batch_invariant": None if inv is None else bool(inv["invariant"]),
-                "status": res["status"],
-                "graph_ops": quantize.op_counts(path),
-                **entries[name],
-                "parity": res,
-            }
+        manifest_variants = {name: variant_entry(name, paths[name], results[name], entries[name]) for name in order}
         if args.cpu_default and manifest_variants[args.cpu_default]["status"] == FAIL:
             print(f"warning: --cpu-default {args.cpu_default} failed its parity gate; no CPU default recorded", file=sys.stderr)
         defaults = choose_defaults(manifest_variants, args.cpu_default if args.cpu_default and manifest_variants[args.cpu_default]["status"] != FAIL else None)
@@ -480,6 +549,7 @@ def export(args: ExportArgs) -> int:
             "opset": opset,
             "inputs": inputs,
             "outputs": outputs,
+            "reference": reference,
             **manifest_common(args, manifest_variants, defaults, isa, timings, VERSIONS),
         }
         if args.ensemble:

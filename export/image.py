@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from export import quantize
-from runtime.artifact import FAIL, STAGE, VARIANT_FILES
+from runtime.artifact import FAIL, STAGE, VARIANT_FILES, VARIANTS
 from export.parity import (
     HELDOUT_BATCH, INVARIANCE_TEXTS, Labelled, Reference, _progress, check_variant, default_threads, torch_logits,
 )
@@ -215,12 +215,14 @@ def static_int8(fp32: Path, dst: Path, work: Path, calib: list[dict[str, np.ndar
 
 def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int:
     """`ferry export` of an image checkpoint (options already checked by :func:`export.export.export`)."""
-    from export.export import _step, choose_defaults, graph_info, manifest_common, quiet_libraries, summarize
+    from export.export import NEEDS, _step, choose_defaults, graph_info, manifest_common, quiet_libraries, summarize, variant_entry
     from finetune.checkpoint import load_model
     from runtime.pixels import PROCESSOR_FILE, load_processor
-    from ferry.files import MANIFEST, atomic_dir, sha256_file, write_json
+    from ferry.files import MANIFEST, atomic_dir, write_json
 
     started = time.perf_counter()
+    if "fp16-tensorrt" in variants:
+        raise DataError("--variants fp16-tensorrt: not available for image checkpoints in this version (fp16 is)")
     if args.calibration and not Path(args.calibration).is_dir():
         raise DataError(f"--calibration {args.calibration}: an image checkpoint calibrates on a <label>/<image> folder; no such directory")
     processor = load_processor(ckpt.path)
@@ -275,6 +277,9 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
             entries["int8-static"] = {"optimization": none, "quantization": q}
         if "fp16" in variants:
             entries["fp16"] = {"optimization": fp16_image_graph(raw, staging / VARIANT_FILES["fp16"])}
+        for name in variants:  # the OpenVINO variants read a graph made above
+            if VARIANTS[name].engine == "openvino":
+                entries[name] = entries[NEEDS.get(name, "fp32")]
         timings["variants_s"] = time.perf_counter() - t
         model.config.to_json_file(str(staging / "config.json"))
         shutil.copy(ckpt.path / PROCESSOR_FILE, staging / PROCESSOR_FILE)
@@ -283,27 +288,11 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
         t = time.perf_counter()
         source = f" on {heldout[2]} ({len(heldout[1])} images)" if heldout else " (no held-out images)"
         _step(args, "[3/3] parity with PyTorch" + source)
-        order = [v for v in VARIANT_FILES if v in variants]
+        order = [v for v in VARIANTS if v in variants]
         paths = {name: staging / VARIANT_FILES[name] for name in order}
         results = run_image_parity(paths, model, labels, heldout, height, width, args)
         timings["parity_s"] = time.perf_counter() - t
-
-        manifest_variants: dict[str, dict[str, Any]] = {}
-        for name in order:
-            res = results[name]
-            inv = res.get("batch_invariance")
-            manifest_variants[name] = {
-                "file": paths[name].name,
-                "sha256": sha256_file(paths[name]),
-                "bytes": quantize.model_bytes(paths[name]),
-                "precision": {"fp32": "fp32", "fp16": "fp16"}.get(name, "int8"),
-                "provider": "CUDAExecutionProvider" if name == "fp16" else "CPUExecutionProvider",
-                "batch_invariant": None if inv is None else bool(inv["invariant"]),
-                "status": res["status"],
-                "graph_ops": quantize.op_counts(paths[name]),
-                **entries[name],
-                "parity": res,
-            }
+        manifest_variants = {name: variant_entry(name, paths[name], results[name], entries[name]) for name in order}
         forced = args.cpu_default if args.cpu_default and manifest_variants[args.cpu_default]["status"] != FAIL else None
         defaults = choose_defaults(manifest_variants, forced)
         manifest = {

@@ -31,12 +31,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from runtime.artifact import FAIL, PASS, UNVERIFIED, check_valid_artifact_dir
+from runtime.artifact import FAIL, PASS, UNVERIFIED, VARIANTS, VariantSpec, check_valid_artifact_dir
 from export.inputs import collate, encode, pad_id, random_ids, read_jsonl_texts
 from ferry.config import non_negative, opt, positive
 from ferry.errors import ArtifactError, CheckpointError, DataError, FerryError
 
-PRECISION = {"fp32": "fp32", "int8": "int8", "int8-static": "int8", "fp16": "fp16"}
 HELDOUT_BATCH = 32
 INVARIANCE_TEXTS = 32
 
@@ -51,8 +50,8 @@ class GateArgs:
 
     fp32_max_diff: float = opt(1e-4, "fp32 gate: largest allowed max |logit difference| to PyTorch", check=non_negative)
     fp16_max_diff: float = opt(1e-2, "fp16 gate (CUDA only): largest allowed max |logit difference|", check=non_negative)
-    int8_min_agreement: float = opt(0.99, "int8 gates: least fraction of labels equal to PyTorch's", check=_unit_interval)
-    int8_max_drop: float = opt(1.0, "int8 gates: largest accuracy drop from PyTorch, in points", check=non_negative)
+    int8_min_agreement: float = opt(0.995, "int8 and bf16 gates: least fraction of labels equal to PyTorch's", check=_unit_interval)
+    int8_max_drop: float = opt(1.0, "int8 and bf16 gates: largest accuracy drop from PyTorch, in points", check=non_negative)
     invariance_tol: float = opt(1e-5, "batch-invariant when no label flips and max |probability difference| <= this", check=non_negative)
     parity_batch_sizes: list[int] = opt([1, 4, 16], "batch sizes of the random-token inputs", check=lambda v: None if all(x > 0 for x in v) else "must be > 0")
     parity_seq_lengths: list[int] = opt([8, 32, 128], "sequence lengths of the random-token inputs (capped at the model's)", check=lambda v: None if all(x > 1 for x in v) else "must be > 1")
@@ -116,20 +115,18 @@ class OutputMismatch(Exception):
     """The ONNX model's outputs are not named or shaped like PyTorch's."""
 
 
-def ort_logits(session: Any, feeds: dict[str, np.ndarray], num_labels: int) -> np.ndarray:
-    """Run ``session``; check the output name, then the shape (validate_model_outputs' order)."""
-    names = [o.name for o in session.get_outputs()]
-    if "logits" not in names:
-        raise OutputMismatch(f"outputs are {names}, expected 'logits'")
-    wanted = [i.name for i in session.get_inputs()]
-    missing = [n for n in wanted if n not in feeds]
+def engine_logits(engine: Any, feeds: dict[str, np.ndarray], num_labels: int) -> np.ndarray:
+    """Run ``engine``; check the output name, then the shape (validate_model_outputs' order)."""
+    if "logits" not in engine.output_names:
+        raise OutputMismatch(f"outputs are {engine.output_names}, expected 'logits'")
+    missing = [n for n in engine.input_names if n not in feeds]
     if missing:
         raise OutputMismatch(f"the model wants inputs {missing} that the tokenizer does not produce")
-    (logits,) = session.run(["logits"], {n: feeds[n] for n in wanted})
+    logits = engine.run({n: feeds[n] for n in engine.input_names})
     batch = next(iter(feeds.values())).shape[0]
     if logits.shape != (batch, num_labels):
         raise OutputMismatch(f"logits shape {tuple(logits.shape)}, PyTorch's is {(batch, num_labels)}")
-    return np.asarray(logits, dtype=np.float32)
+    return logits
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -282,7 +279,13 @@ def batch_invariance(run: Callable[[dict[str, np.ndarray]], np.ndarray], ref: Re
     }
 
 
+def spec_of(name: str, path: Path) -> VariantSpec:
+    """The engine and precision of variant ``name`` (an unknown name: ONNX Runtime fp32)."""
+    return VARIANTS.get(name) or VariantSpec(path.name, "onnxruntime", "fp32")
+
+
 def gates_for(precision: str, args: GateArgs) -> dict[str, float]:
+    """fp32 and fp16 are judged by logits; int8 and bf16 (whose logits move by design) by labels and accuracy."""
     if precision == "fp32":
         return {"max_abs_diff": args.fp32_max_diff}
     if precision == "fp16":
@@ -311,32 +314,51 @@ def judge(precision: str, result: dict[str, Any], gates: dict[str, float]) -> tu
     return PASS, f"agreement {held['agreement']:.2%}, accuracy Δ {held['delta_accuracy_points']:+.2f} points"
 
 
-def check_variant(
-    name: str, path: Path, ref: Reference, args: GateArgs, device: str = "auto", available: Sequence[str] | None = None,
-    progress: Callable[[Any, str], Any] | None = None,
-) -> dict[str, Any]:
-    """Parity of one variant's ONNX file against the reference; returns its parity block."""
-    from runtime.engines import CUDA, active_provider, available_providers, create_session, gpu_present
+def open_for_parity(
+    name: str, path: Path, spec: VariantSpec, args: GateArgs, device: str, available: Sequence[str] | None, cpu: Any,
+) -> tuple[Any, str | None]:
+    """(engine, None), or (None, why the variant cannot be checked here)."""
+    from runtime.engines import CUDA, TENSORRT, EngineUnavailable, available_providers, gpu_present, open_engine
 
-    precision = PRECISION.get(name, "fp32")
-    gates = gates_for(precision, args)
-    result: dict[str, Any] = {"gates": gates}
     available_is_real = available is None  # a list passed in fakes the providers (tests)
     available = available_providers() if available is None else list(available)
-    if precision == "fp16":
-        if CUDA not in available or device == "cpu" or (available_is_real and not gpu_present()):
-            result.update(status=UNVERIFIED, reason=f"fp16 is checked on {CUDA}, and no GPU is usable here", provider=None)
-            result["batch_invariance"] = None
-            return result
-        session = create_session(path, "cuda", args.threads, available=available)
-        if active_provider(session) != CUDA:
-            result.update(status=UNVERIFIED, reason="ONNX Runtime fell back to CPU: no usable GPU", provider=active_provider(session))
-            result["batch_invariance"] = None
-            return result
-    else:
-        session = create_session(path, "cpu", args.threads or default_threads(), available=available)
-    result["provider"] = active_provider(session)
-    run = lambda feeds: ort_logits(session, feeds, ref.num_labels)  # noqa: E731
+    tensorrt = name.endswith("-tensorrt")
+    if spec.device == "cuda":
+        wanted = TENSORRT if tensorrt else CUDA
+        if wanted not in available or device == "cpu" or (available_is_real and not gpu_present()):
+            return None, f"{spec.precision} is checked on {wanted}, and no GPU is usable here"
+        try:
+            engine = open_engine(path, spec.engine, spec.precision, "cuda", args.threads, available=available, tensorrt=tensorrt)
+        except EngineUnavailable as e:
+            return None, str(e)
+        if engine.provider not in (CUDA, TENSORRT):
+            return None, "ONNX Runtime fell back to CPU: no usable GPU"
+        return engine, None
+    if spec.precision == "bf16" and not cpu.has("bf16"):
+        return None, (f"this CPU ({cpu.model}) has no bf16 instructions (avx512_bf16, amx_bf16), where OpenVINO would run "
+                      "it in f32; ferry serve re-checks it on a CPU that has them")
+    try:
+        return open_engine(path, spec.engine, spec.precision, "cpu", args.threads or default_threads(), available=available), None
+    except EngineUnavailable as e:
+        return None, str(e)
+
+
+def check_variant(
+    name: str, path: Path, ref: Reference, args: GateArgs, device: str = "auto", available: Sequence[str] | None = None,
+    progress: Callable[[Any, str], Any] | None = None, cpu: Any = None,
+) -> dict[str, Any]:
+    """Parity of one variant (its file in its engine at its precision) against the reference; returns its parity block."""
+    from runtime.hardware import read_cpu
+
+    spec = spec_of(name, path)
+    gates = gates_for(spec.precision, args)
+    result: dict[str, Any] = {"gates": gates, "engine": spec.engine}
+    engine, why_not = open_for_parity(name, path, spec, args, device, available, cpu or read_cpu())
+    if engine is None:
+        result.update(status=UNVERIFIED, reason=why_not, provider=None, batch_invariance=None)
+        return result
+    result["provider"] = engine.provider
+    run = lambda feeds: engine_logits(engine, feeds, ref.num_labels)  # noqa: E731
     wrap = progress or (lambda it, desc: it)
     try:
         diffs, agree, total = [], 0, 0
@@ -368,10 +390,10 @@ def check_variant(
     except OutputMismatch as e:
         result.update(status=FAIL, reason=str(e), checks={"outputs": str(e)}, batch_invariance=None)
         return result
-    except Exception as e:  # ONNX Runtime raises its own types when a kernel fails on this model
-        result.update(status=FAIL, reason=f"ONNX Runtime failed: {_first_line(e)}", batch_invariance=None)
+    except Exception as e:  # the engines raise their own types when a kernel fails on this model
+        result.update(status=FAIL, reason=f"{spec.engine} failed: {_first_line(e)}", batch_invariance=None)
         return result
-    result["status"], result["reason"] = judge(precision, result, gates)
+    result["status"], result["reason"] = judge(spec.precision, result, gates)
     return result
 
 
@@ -435,7 +457,7 @@ def parity_rows(variants: dict[str, dict[str, Any]]) -> list[list[str]]:
         inv = parity.get("batch_invariance") or {}
         rows.append([
             name,
-            info.get("precision", PRECISION.get(name, "")),
+            info.get("precision", VARIANTS[name].precision if name in VARIANTS else ""),
             _fmt(info.get("bytes") and info["bytes"] / 1e6, ".1f"),
             _fmt(held.get("onnx", {}).get("accuracy"), ".4f"),
             _fmt(held.get("delta_accuracy_points"), "+.2f"),

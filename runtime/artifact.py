@@ -65,7 +65,7 @@ VARIANTS: dict[str, VariantSpec] = {
     "int8": VariantSpec("model_int8.onnx", "onnxruntime", "int8"),
     "int8-static": VariantSpec("model_int8_static.onnx", "onnxruntime", "int8"),
     "fp16": VariantSpec("model_fp16.onnx", "onnxruntime", "fp16", "cuda"),
-    "fp16-tensorrt": VariantSpec("model.onnx", "onnxruntime", "fp16", "cuda"),
+    "fp16-tensorrt": VariantSpec("model_plain.onnx", "onnxruntime", "fp16", "cuda"),
     "openvino-fp32": VariantSpec("model.onnx", "openvino", "fp32"),
     "openvino-bf16": VariantSpec("model.onnx", "openvino", "bf16"),
     "openvino-int8-static": VariantSpec("model_int8_static.onnx", "openvino", "int8"),

@@ -21,8 +21,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from runtime.artifact import UNVERIFIED, Artifact, Variant, check_valid_artifact_dir
-from runtime.engines import CPU, CUDA, Engine, available_providers, choose_providers, open_engine
+from runtime import choose as choosing
+from runtime.choose import Choice
+from runtime.engines import CPU, CUDA, Engine, available_providers, choose_providers, engine_installed, open_engine
 from runtime.engines import gpu_present as session_gpu_present
+from runtime.hardware import read_cpu
 from ferry.errors import ArtifactError, FerryError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -184,14 +187,26 @@ class VariantSession:
     optimization: str
 
     def _open_variant(
-        self, variant: str | None, device: str, available: Sequence[str], factory: Callable[..., Any], gpu_present: bool | None = None,
+        self, variant: str | None, device: str, available: Sequence[str], factory: Callable[..., Any] | None,
+        gpu_present: bool | None = None,
     ) -> None:
         self.notes: list[str] = []  # warnings for the caller to show (the server logs them)
         self.device = resolve_device(device, available, gpu_present)
         self.fallback: str | None = None
+        self.choice: Choice | None = None
+        self.local_parity: dict[str, Any] | None = None
+        engine = None
+        if variant is None and self.device == "cpu":
+            self.choice = self._choose(available, factory)
+            if self.choice is not None:
+                variant = self.choice.variant
+                engine = self.choice.engines.get(str(variant))
+                self.local_parity = self.choice.local.get(str(variant))
         self.variant = select_variant(self.artifact, variant, self.device, self.notes)
-        self.engine = self._open(factory, available)
+        self.engine = engine or self._open(factory, available)
         self.provider = self.engine.provider
+        if self.device == "cpu" and self.choice is None:
+            self._recheck_here()
         if self.device == "cuda" and self.provider != CUDA:
             # ORT lists CUDA but could not use it (no driver, no cuDNN): serve on CPU, with the CPU variant.
             self.fallback = f"CUDA provider listed but unusable, fell back to {self.provider}"
@@ -201,6 +216,13 @@ class VariantSession:
             self.variant = select_variant(self.artifact, variant, "cpu", self.notes)
             self.engine = self._open(factory, [CPU])
             self.provider = self.engine.provider
+
+    def _choose(self, available: Sequence[str], factory: Callable[..., Any] | None) -> Choice | None:
+        """The start-up choice among CPU variants (None: this runtime does not choose; the manifest's default)."""
+        return None
+
+    def _recheck_here(self) -> None:
+        """Re-check a named variant on this machine (nothing to do for a runtime without reference data)."""
 
     def variant_info(self) -> dict[str, Any]:
         """The /info fields of the open variant and where it runs."""
@@ -215,6 +237,9 @@ class VariantSession:
             "fallback": self.fallback,
             "threads": self.threads,
             "parity": {"status": v.status, **(v.info.get("parity") or {})},
+            "parity_here": self.local_parity,
+            "choice": self.choice.as_dict() if self.choice else None,
+            "cpu": read_cpu().as_dict(),
             "variants": {n: x.status for n, x in self.artifact.variants.items()},
         }
 
@@ -261,8 +286,10 @@ class Runtime(VariantSession):
         gpu_present: bool | None = None,
         session_factory: Callable[..., Any] | None = None,
         enforce_invariance: bool = True,
+        choose: bool = True,
     ):
         self.artifact = artifact if isinstance(artifact, Artifact) else check_valid_artifact_dir(artifact)
+        self.choose_at_start = choose
         self.threads = threads
         self.optimization = optimization
         self.max_group = max_group
@@ -271,6 +298,7 @@ class Runtime(VariantSession):
         available = available_providers() if available is None else list(available)
         self.requested_device = device
         self.tokenizer = load_tokenizer(self.artifact, self.max_length)
+        self.pad_id = self._pad_id()
         self._open_variant(variant, device, available, session_factory, gpu_present)
         self.io_binding = getattr(self.engine, "io_binding", False)
         self.input_names = list(self.engine.input_names)
@@ -282,10 +310,49 @@ class Runtime(VariantSession):
         self.batch_invariant_variant: bool | None = self.variant.info.get("batch_invariant")
         # One text per call makes a batch-dependent variant answer exactly as when alone.
         self.one_per_run = enforce_invariance and self.batch_invariant_variant is False
-        self.pad_id = self._pad_id()
         self._ready = threading.Event()
 
     # --- loading -----------------------------------------------------------------
+    def _run_ids(self, engine: Engine, ids: list[list[int]]) -> np.ndarray:
+        """Logits of token id lists (single-sentence inputs: token types 0) padded into one batch."""
+        width = max(len(x) for x in ids)
+        feed = {"input_ids": np.full((len(ids), width), self.pad_id, dtype=np.int64),
+                "attention_mask": np.zeros((len(ids), width), dtype=np.int64),
+                "token_type_ids": np.zeros((len(ids), width), dtype=np.int64)}
+        for row, x in enumerate(ids):
+            feed["input_ids"][row, : len(x)] = x
+            feed["attention_mask"][row, : len(x)] = 1
+        return engine.run({k: feed[k] for k in engine.input_names})
+
+    def _choose(self, available: Sequence[str], factory: Callable[..., Any] | None) -> Choice | None:
+        if not self.choose_at_start:
+            return None
+        names, skipped = choosing.candidates(self.artifact, read_cpu(), engine_installed)
+        fallback = (self.artifact.manifest.get("default_variant") or {}).get("cpu")
+
+        def open_variant(name: str) -> Engine:
+            v = self.artifact.variants[name]
+            v.verify()
+            return open_engine(v.path, v.spec.engine, v.spec.precision, "cpu", self.threads, self.optimization, available,
+                               session_factory=factory)
+
+        return choosing.choose(self.artifact, names, skipped, open_variant, self._run_ids, choosing.load_reference(self.artifact), fallback)
+
+    def _recheck_here(self) -> None:
+        """A variant named by --variant is re-checked here too; one that fails is not served."""
+        if not self.choose_at_start:
+            return
+        ref = choosing.load_reference(self.artifact)
+        if ref is None:
+            return
+        verdict = choosing.recheck(lambda ids: self._run_ids(self.engine, ids), ref, choosing.gates_of(self.variant))
+        if verdict["status"] != "pass" and self.variant.info.get("batch_invariant") is False and verdict["reason"].startswith("answers change"):
+            verdict["status"] = "pass"  # a batch-dependent variant: served one text per call (--batch-invariance)
+        self.local_parity = verdict
+        if verdict["status"] != "pass":
+            raise ArtifactError(f"{self.artifact.path}: variant '{self.variant.name}' fails its gate on this machine "
+                                f"({verdict['reason']}); serve another --variant")
+
     def _pad_id(self) -> int:
         for token in ("[PAD]", "<pad>", "<PAD>"):
             i = self.tokenizer.token_to_id(token)
@@ -308,9 +375,10 @@ class Runtime(VariantSession):
 
     def describe(self) -> str:
         fb = f" ({self.fallback})" if self.fallback else ""
+        here = f", here {self.local_parity['status']}" if self.local_parity else ""
         return (
             f"serving {self.artifact.path} variant '{self.variant.name}' "
-            f"({self.variant.info.get('precision', '?')}, parity {self.variant.status}) on {self.provider}{fb}, "
+            f"({self.variant.engine} {self.variant.info.get('precision', '?')}, parity {self.variant.status}{here}) on {self.provider}{fb}, "
             f"threads {self.threads or 'auto'}, optimization {self.optimization}; batch invariance: {self.batch_invariance}"
         )
 

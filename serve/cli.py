@@ -9,6 +9,7 @@ environment variables, and stops it cleanly on Ctrl-C.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -41,7 +42,7 @@ class ServeArgs:
     """Serve an artifact over HTTP with BentoML (adaptive batching, CPU or CUDA)."""
 
     artifact: str | None = opt(None, "the artifact directory written by ferry export", positional=True)
-    variant: str | None = opt(None, "the variant to serve (default: the artifact's default for the device, from its ferry.json)")
+    variant: str | None = opt(None, "the variant to serve (default on CPU: the fastest variant that passes its gate on this machine, timed and re-checked at start within 15 s; on GPU: the artifact's GPU default)")
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = opt(3000, "TCP port to listen on", check=port_number)
     device: str = opt("auto", "where to run: auto (CUDA when ONNX Runtime can use a GPU), cpu or cuda", choices=("auto", "cpu", "cuda"))
@@ -175,13 +176,19 @@ def serve(args: ServeArgs) -> int:
     )
     for note in runtime.notes:
         print(f"ferry serve: warning: {note}", file=sys.stderr)
+    choice = getattr(runtime, "choice", None)
+    if choice is not None:
+        for line in choice.log_lines():
+            print(f"ferry serve: {line}", file=sys.stderr)
     workers = args.workers or DEVICE_DEFAULTS[runtime.device]["workers"]
     threads = args.threads
     if threads is None and workers > 1:  # workers share the cores instead of each taking them all
         threads = max(1, physical_cores() // workers)
     settings = ServeSettings(
         artifact=str(Path(args.artifact).resolve()),
-        variant=args.variant,
+        # the choice made here, so each worker opens (and re-checks) that one instead of timing them all again
+        variant=args.variant or (runtime.variant.name if choice is not None else None),
+        choice=json.dumps(choice.as_dict()) if choice is not None else None,
         # what the check above resolved "auto" to, so a worker never retries an unusable GPU
         device=runtime.device if args.device == "auto" else args.device,
         threads=threads,

@@ -261,6 +261,8 @@ async def classify_image(request: Request) -> JSONResponse:
 async def info(request: Request) -> JSONResponse:
     svc = bentoml.get_current_service()
     body = svc.runtime.info()
+    if body.get("choice") is None and SETTINGS.choice:  # made once by `ferry serve`, before the workers
+        body["choice"] = json.loads(SETTINGS.choice)
     body["model"]["store_tag"] = svc.model_tag
     body["serving"] = {
         "max_batch_size": MAX_BATCH_SIZE,
@@ -340,6 +342,9 @@ class Ferry:
             os._exit(2)
         for note in self.runtime.notes:
             log.warning(note)
+        if getattr(self.runtime, "choice", None) is not None:
+            for line in self.runtime.choice.log_lines():
+                log.info(line)
         log.info(self.runtime.describe())
         log.info("adaptive batching: max_batch_size=%d texts, max_latency_ms=%d", MAX_BATCH_SIZE, MAX_LATENCY_MS)
         # Warm up off the event loop: /livez answers at once, /readyz only after it.

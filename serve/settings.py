@@ -48,6 +48,7 @@ class ServeSettings:
     max_image_pixels: int = 40_000_000  # width x height of one image (a decompression bomb is refused)
     timeout_s: int = 120
     batch_invariance: str = "enforce"  # or "variant": serve a batch-dependent variant batched anyway
+    choice: str | None = None  # `ferry serve`'s start-up variant choice (JSON), reported by /info
 
     def to_env(self) -> dict[str, str]:
         env = {}
@@ -67,7 +68,7 @@ class ServeSettings:
             raw = environ.get(PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name in ("artifact", "model_tag", "variant", "device", "optimization", "batch_invariance"):
+            if f.name in ("artifact", "model_tag", "variant", "device", "optimization", "batch_invariance", "choice"):
                 values[f.name] = raw
                 continue
             try:

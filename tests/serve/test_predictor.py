@@ -181,7 +181,7 @@ def gpu_artifact(served_artifact, tmp_path):
     """The artifact with an fp16 variant declared as the GPU default (the fp32 graph stands in for it)."""
     art, m = copy_artifact(served_artifact, tmp_path / "gpu")
     shutil.copy(art / "model.onnx", art / "model_fp16.onnx")
-    m["variants"]["fp16"] = {**m["variants"]["fp32"], "file": "model_fp16.onnx", "precision": "fp16",
+    m["variants"]["fp16"] = {**m["variants"]["fp32"], "file": "model_fp16.onnx", "precision": "fp16", "device": "cuda",
                              "sha256": sha256_file(art / "model_fp16.onnx"), "batch_invariant": True}
     m["default_variant"] = {**m["default_variant"], "gpu": "fp16"}
     (art / "ferry.json").write_text(json.dumps(m))
@@ -212,10 +212,15 @@ def test_cuda_listed_but_unusable_falls_back_to_the_cpu_variant(gpu_artifact):
 
 
 def test_cpu_default_is_the_artifacts_batch_invariant_cpu_variant(gpu_artifact):
-    rt = Runtime(gpu_artifact, available=[CUDA, CPU], gpu_present=False)
+    rt = Runtime(gpu_artifact, available=[CUDA, CPU], gpu_present=False, choose=False)
     manifest = json.loads((gpu_artifact / "ferry.json").read_text())
     assert rt.device == "cpu" and rt.variant.name == manifest["default_variant"]["cpu"]
     assert rt.batch_invariant_variant is True
+    # With the start-up choice: one of the passing, batch-invariant CPU variants, never the GPU's fp16.
+    rt = Runtime(gpu_artifact, available=[CUDA, CPU], gpu_present=False)
+    assert rt.variant.name in ("fp32", "int8-static") and rt.choice.variant == rt.variant.name
+    assert set(rt.choice.timings) == {"fp32", "int8-static"} and rt.info()["parity_here"]["status"] == "pass"
+    assert rt.choice.skipped["fp16"] == "runs on cuda" and "batch-invariant" in rt.choice.skipped["int8"]
 
 
 # --- settings --------------------------------------------------------------------------------
