@@ -338,9 +338,12 @@ def open_for_parity(
         return None, (f"this CPU ({cpu.model}) has no bf16 instructions (avx512_bf16, amx_bf16), where OpenVINO would run "
                       "it in f32; ferry serve re-checks it on a CPU that has them")
     try:
-        return open_engine(path, spec.engine, spec.precision, "cpu", args.threads or default_threads(), available=available), None
+        engine = open_engine(path, spec.engine, spec.precision, "cpu", args.threads or default_threads(), available=available)
     except EngineUnavailable as e:
         return None, str(e)
+    if spec.precision == "bf16" and "bf16" not in str(getattr(engine, "inference_precision", "bf16")):
+        return None, f"OpenVINO runs it in {engine.inference_precision} on this CPU, not bf16"
+    return engine, None
 
 
 def check_variant(

@@ -206,6 +206,9 @@ class OpenVinoEngine(Engine):
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        # What OpenVINO actually runs: it quietly keeps f32 where the CPU has no bf16.
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.inference_precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
         self.provider = "OpenVINO CPU"
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,6 +136,16 @@ class Server:
                 self.proc.wait()
         self._out.close()
         return self.proc.returncode
+
+
+def copy_artifact(src, dst, **manifest_changes):
+    """A copy of the artifact ``src`` at ``dst`` with top-level manifest keys replaced; (dst, manifest)."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "ferry.json").read_text())
+    for key, value in manifest_changes.items():
+        m[key] = value
+    (dst / "ferry.json").write_text(json.dumps(m))
+    return dst, m
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from ferry.files import sha256_file
 from runtime import engines as engines_module
 from runtime.predictor import Runtime, length_groups, resolve_device
 from serve.settings import ServeSettings
-from tests.serve.conftest import ROOT
+from tests.serve.conftest import ROOT, copy_artifact
 
 TEXTS = [
     "pizza",
@@ -66,15 +66,6 @@ def test_a_batch_dependent_variant_runs_one_text_per_call(served_artifact):
     fast = Runtime(served_artifact, variant="int8", device="cpu", enforce_invariance=False)
     assert not fast.one_per_run and fast.info()["batch_invariant"] is False
     assert fast.run_batch(TEXTS).runs < len(TEXTS)
-
-
-def copy_artifact(src, dst, **manifest_changes):
-    shutil.copytree(src, dst)
-    m = json.loads((dst / "ferry.json").read_text())
-    for key, value in manifest_changes.items():
-        m[key] = value
-    (dst / "ferry.json").write_text(json.dumps(m))
-    return dst, m
 
 
 def test_a_modified_model_file_is_refused(served_artifact, tmp_path):
