@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all]'
 	touch $(STAMP)
 
+# The whole chain on the embedded defaults: finetune, export + parity, bench, one summary.
 demo: $(STAMP)
-	$(BIN)/ferry finetune --config configs/bbc-news.yaml --overwrite
+	$(BIN)/ferry pipeline --config configs/pipeline-bbc.yaml
 
 # Image demo: MNIST 5k written once as PNG files, then EfficientNet-Lite0 fine-tuned on it.
 MNIST_DIR := runs/mnist-5k

@@ -99,7 +99,8 @@ def stage_args(cls: type, section: str, values: dict[str, Any], fixed: dict[str,
     return args
 
 
-def summary_rows(artifact_manifest: dict[str, Any], bench_report: dict[str, Any] | None) -> tuple[list[str], list[list[str]], str]:
+def summary_rows(artifact_manifest: dict[str, Any], bench_report: dict[str, Any] | None, served: str | None = None) -> tuple[list[str], list[list[str]], str]:
+    """The summary table; ``served`` is the variant `ferry serve` chose on this CPU (else the export's default)."""
     from export.parity import _fmt
 
     cell = None
@@ -114,7 +115,9 @@ def summary_rows(artifact_manifest: dict[str, Any], bench_report: dict[str, Any]
         for r in cpu:
             if (r["batch_size"], r["seq_length"]) == cell:
                 speed[r["variant"] or "pytorch"] = r["speedup"]
-    defaults = artifact_manifest.get("default_variant") or {}
+    defaults = dict(artifact_manifest.get("default_variant") or {})
+    if served:
+        defaults["cpu"] = served
     rows = []
     for name, v in artifact_manifest["variants"].items():
         held = (v.get("parity") or {}).get("heldout") or {}
@@ -128,6 +131,13 @@ def summary_rows(artifact_manifest: dict[str, Any], bench_report: dict[str, Any]
     where = f"speedup over PyTorch eager fp32 on CPU at batch {cell[0]} x {size} {cell[1]}" if cell else "no CPU bench"
     headers = ["variant", "status", "accuracy", "Δacc pts", "agreement", "MB", "speedup", "batch-invariant", "default for"]
     return headers, rows, where
+
+
+def served_here(artifact: Path) -> Any:
+    """The start-up choice `ferry serve` makes on this CPU (timed and re-checked here), for the summary."""
+    from runtime.predictor import Runtime
+
+    return Runtime(artifact, device="cpu").choice
 
 
 def pipeline(args: PipelineArgs) -> int:
@@ -188,21 +198,31 @@ def pipeline(args: PipelineArgs) -> int:
         bench(built["bench"])
         timings["bench_s"] = time.perf_counter() - t
         report = json.loads((bench_dir / "bench.json").read_text(encoding="utf-8"))
-    headers, rows, where = summary_rows(manifest, report)
+    served = served_here(art_dir) if export_rc == 0 and manifest.get("task") != "image-classification" else None
+    headers, rows, where = summary_rows(manifest, report, served.variant if served else None)
     held = next((((v.get("parity") or {}).get("heldout")) for v in manifest["variants"].values() if (v.get("parity") or {}).get("heldout")), None)
     unit = "images" if manifest.get("task") == "image-classification" else "texts"
     head = f"PyTorch accuracy {held['pytorch']['accuracy']:.4f} on {held['examples']} held-out {unit}; " if held else ""
     banner("summary")
     print(head + where)
     print(text_table(headers, rows))
+    if served:
+        for line in served.log_lines():
+            print(line)
+    serve_cmd = f"ferry serve {art_dir} --port 3000"
+    print(f"serve it: {serve_cmd}")
     total = time.perf_counter() - started
     summary = {
         "checkpoint": str(args.checkpoint or ckpt_dir), "artifact": str(art_dir), "bench": str(bench_dir) if report else None,
         "timings": {**{k: round(v, 1) for k, v in timings.items()}, "total_s": round(total, 1)},
         "note": head + where, "headers": headers, "rows": rows,
+        "served_here": served.as_dict() if served else None, "serve": serve_cmd,
     }
     write_json(root / "pipeline.json", summary)
-    (root / "summary.md").write_text(f"# ferry pipeline: {root}\n\n{head}{where}\n\n{markdown_table(headers, rows)}\n", encoding="utf-8")
+    choice = "\n".join(["", "```", *served.log_lines(), "```"]) if served else ""
+    (root / "summary.md").write_text(
+        f"# ferry pipeline: {root}\n\n{head}{where}\n\n{markdown_table(headers, rows)}\n{choice}\n\nServe it: `{serve_cmd}`\n",
+        encoding="utf-8")
     print(f"pipeline finished in {total:.0f}s; summary in {root / 'summary.md'}")
     if export_rc:
         print("ferry pipeline: error: the export's fp32 variant failed its parity gate; bench skipped", file=sys.stderr)

@@ -105,11 +105,20 @@ def test_a_variant_whose_logits_drift_here_is_not_served(artifact):
 def test_the_choice_is_bounded_in_time(artifact):
     """Slow candidates: timing stops when its share of the budget is spent; the timed ones compete."""
     ref, clock = fake_reference(), Clock()
-    engines = {"clock": clock, "fp32": FakeEngine(ref, clock, 200), "openvino-fp32": FakeEngine(ref, clock, 150),
+    engines = {"clock": clock, "fp32": FakeEngine(ref, clock, 400), "openvino-fp32": FakeEngine(ref, clock, 300),
                "int8-static": FakeEngine(ref, clock, 1)}
     c = choose_with(artifact, engines, ref, budget=15)
     assert set(c.timings) == {"fp32"} and "budget" in c.skipped["openvino-fp32"] and "budget" in c.skipped["int8-static"]
     assert c.variant == "fp32"
+
+
+def test_a_recheck_that_runs_past_the_budget_decides_on_what_it_checked(artifact):
+    ref, clock = fake_reference(n=200), Clock()
+    engines = {"clock": clock, "fp32": FakeEngine(ref, clock, 100)}  # 3.2 s per batch of 32
+    c = choose_with(artifact, engines, ref, budget=15)
+    verdict = c.local["fp32"]
+    assert c.variant == "fp32" and verdict["status"] == "pass" and verdict["texts"] < verdict["of"] == 200
+    assert "(start-up budget)" in verdict["reason"] and clock() < 15 + 3.3 + 1
 
 
 def test_a_variant_that_does_not_compile_here_is_skipped_and_named(artifact):

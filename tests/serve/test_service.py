@@ -94,8 +94,13 @@ def test_info_livez_readyz_metrics(servers, served_artifact):
     assert info["serving"]["max_latency_ms"] == 50 and info["serving"]["max_texts"] == 256
 
     default = httpx.get(servers["default"].url + "/info").json()
-    assert default["variant"] == manifest["default_variant"]["cpu"]
-    assert default["batch_invariant_variant"] == manifest["variants"][default["variant"]]["batch_invariant"]
+    # `ferry serve` chose the variant at start on this CPU and the worker re-checked it here.
+    choice = default["choice"]
+    assert default["variant"] == choice["variant"] in ("fp32", "int8-static")
+    assert set(choice["timings_ms"]) == {"fp32", "int8-static"} and choice["seconds"] <= choice["budget_s"]
+    assert "batch-invariant" in choice["skipped"]["int8"] and default["parity_here"]["status"] == "pass"
+    assert default["batch_invariant_variant"] == manifest["variants"][default["variant"]]["batch_invariant"] is True
+    assert set(default["cpu"]["features"]) >= {"avx2", "vnni", "bf16", "amx"}
 
     assert httpx.get(url + "/livez").status_code == 200
     assert httpx.get(url + "/readyz").status_code == 200
