@@ -227,14 +227,21 @@ def test_settings_round_trip_and_errors():
 
 # --- no PyTorch on the serving path ------------------------------------------------------------
 def test_the_serving_path_imports_no_torch(served_artifact):
+    """Every module of runtime/ and serve/ imports with torch, transformers and optimum blocked, and pulls in no finetune/ or export/ module."""
     code = (
         "import sys\n"
         "sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
         "sys.modules['transformers'] = None\n"
+        "sys.modules['optimum'] = None\n"
         "from runtime.predictor import Runtime\n"
         "rt = Runtime(sys.argv[1], device='cpu')\n"
-        "assert rt.classify(['pizza'])[0]['label']\n"
-        "import serve.service, serve.cli, serve.loadbench\n"
+        "assert rt.classify(['pizza'])[0]['label'] and rt.choice.variant\n"
+        "import pkgutil, importlib, runtime, serve\n"
+        "for pkg in (runtime, serve):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+        "stages = sorted(m for m in sys.modules if m.split('.')[0] in ('finetune', 'export'))\n"
+        "assert not stages, stages\n"
         "print('ok')\n"
     )
     env = {**os.environ, "FERRY_ARTIFACT": str(served_artifact), "BENTOML_DO_NOT_TRACK": "True"}
