@@ -74,7 +74,11 @@ def read_json_object(path: Path, missing: str, where: str | None = None, error: 
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(missing) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        raise error(f"{where}: is a directory, not a JSON file") from None
+    except OSError as e:
+        raise error(f"{where}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
         raise error(f"{where}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise error(f"{where}: expected a JSON object")
