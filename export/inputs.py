@@ -71,6 +71,8 @@ def read_texts(path: str, text_column: str = "text", flag: str = "--texts") -> l
     from finetune.data import FORMATS, decode_text, read_rows, split_lines
 
     p = resolve(path)
+    if p.is_dir():
+        raise DataError(f"{flag} {path}: is a directory; give a .txt (one text per line), .csv, .tsv, .jsonl or .parquet file")
     if not p.is_file():
         raise DataError(f"{flag} {path}: file not found")
     if p.suffix.lower() in FORMATS:

@@ -25,6 +25,9 @@ from ferry.files import write_json
 
 DIR = "resume"
 STATE = "state.json"
+# The keys of state.json that --resume reads (finetune.train writes them).
+INFO_KEYS = ("epoch", "best_metric", "best_epoch", "bad_epochs", "phase_best", "history", "loss_log", "train_seconds",
+             "train_cpu_seconds", "trained_samples", "settings", "data")
 
 
 def cpu_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -73,10 +76,16 @@ def read_info(staging: Path) -> dict[str, Any] | None:
     path = staging / DIR / STATE
     if not path.is_file():
         return None
+    damaged = FerryError(f"--resume: {path} is damaged; rerun without --resume")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FerryError(f"--resume: {path} is damaged; rerun without --resume") from None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
+        raise damaged from None
+    if not isinstance(info, dict) or any(k not in info for k in INFO_KEYS):
+        raise damaged
+    if not (isinstance(info["settings"], dict) and isinstance(info["data"], dict) and isinstance(info["epoch"], int)):
+        raise damaged
+    return info
 
 
 def load(staging: Path, device: Any) -> dict[str, Any]:
