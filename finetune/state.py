@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import FerryError
-from ferry.files import write_json
+from ferry.files import fsync_dir, fsync_tree, write_json
 
 DIR = "resume"
 STATE = "state.json"
@@ -63,17 +63,22 @@ def save(
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
     write_json(tmp / STATE, info)
+    fsync_tree(tmp)
     old = staging / f"{DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        final.rename(old)
+        final.rename(old)  # killed right after this, read_info puts it back
     tmp.rename(final)
+    fsync_dir(staging)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def read_info(staging: Path) -> dict[str, Any] | None:
     """The state.json of a finished epoch, or None when there is none."""
     path = staging / DIR / STATE
+    old = staging / f"{DIR}.old"
+    if not (staging / DIR).exists() and (old / STATE).is_file():
+        old.rename(staging / DIR)  # a run killed in the middle of save(): the previous state is whole
     if not path.is_file():
         return None
     damaged = FerryError(f"--resume: {path} is damaged; rerun without --resume")
@@ -109,7 +114,3 @@ def load(staging: Path, device: Any) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FerryError(f"--resume: the saved state in {d} cannot be read ({first}); rerun without --resume") from None
 
-
-def remove(staging: Path) -> None:
-    for name in (DIR, f"{DIR}.tmp", f"{DIR}.old"):
-        shutil.rmtree(staging / name, ignore_errors=True)
