@@ -6,7 +6,8 @@ Lives in ``<staging>/resume/`` (the staging directory is ``.<output>.incomplete`
 - ``best.safetensors``: the weights of the best epoch so far (early stopping keeps them);
 - ``optimizer.pt``, ``scheduler.pt``: state dicts, loaded with ``torch.load(weights_only=True)``,
   which refuses anything but tensors and plain containers (never arbitrary pickle);
-- ``rng.safetensors``: every rank's torch (and CUDA) RNG state, for dropout;
+- ``rng.safetensors``: every rank's torch (and CUDA) RNG state, for dropout, and the image
+  augmentation generator's (``augment_rank<N>``);
 - ``state.json``: epoch, best metric and epoch, early-stopping counter, history, and the
   settings and data hashes the run was started with (``--resume`` refuses others).
 

@@ -151,10 +151,12 @@ def finetune(args: FinetuneArgs) -> int:
             torch.manual_seed(args.seed + dist.rank)  # DDP broadcast rank 0's weights; dropout differs per rank
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
         train_y = torch.tensor([label_id[y] for y in train.labels])
+        generators: dict[str, Any] = {}  # RNGs besides torch's global one, saved with the resume state
         if image:
             # Decoded and preprocessed once; each batch is augmented on the fly.
             train_pixels = imagemodel.load_pixels(train.texts, tokenizer)
             augment_rng = torch.Generator().manual_seed(args.seed + dist.rank)
+            generators["augment"] = augment_rng
             lengths = None
 
             def batch_inputs(index: list[int]) -> dict[str, Any]:
@@ -218,7 +220,7 @@ def finetune(args: FinetuneArgs) -> int:
             if scaler is not None and saved["scaler"] is not None:
                 scaler.load_state_dict(saved["scaler"])
             best_state = saved["best"]
-            distributed.restore_rng(dist, saved["rng"])
+            distributed.restore_rng(dist, saved["rng"], generators)
             start_epoch = info["epoch"] + 1
             best_metric, best_epoch, bad_epochs = info["best_metric"], info["best_epoch"], info["bad_epochs"]
             phase_best = info["phase_best"]
@@ -343,7 +345,7 @@ def finetune(args: FinetuneArgs) -> int:
                 say(f"stopping early: no {args.metric} improvement for {bad_epochs} epochs; best epoch {best_epoch}")
                 break
             if epoch < args.epochs:
-                rng = distributed.rng_states(dist)
+                rng = distributed.rng_states(dist, generators)
                 if dist.main:
                     state.save(
                         staging, model_state=net.state_dict(), best_state=best_state, optimizer=optimizer,
