@@ -173,6 +173,15 @@ def test_hostile_texts_survive_every_reader_byte_for_byte(tmp_path, fmt):
     assert read_texts(str(path)) == HOSTILE_TEXTS
 
 
+def test_a_text_file_is_split_on_line_ends_only(tmp_path):
+    from export.inputs import read_texts
+
+    one_line = [t for t in HOSTILE_TEXTS if "\n" not in t and "\r" not in t]
+    path = tmp_path / "texts.txt"
+    path.write_bytes(("\r\n".join(one_line[:3]) + "\n" + "\n".join(one_line[3:]) + "\n").encode())
+    assert read_texts(str(path)) == one_line
+
+
 def test_hostile_texts_survive_write_jsonl_and_every_reader_of_it(tmp_path):
     from export.inputs import read_jsonl_texts
     from finetune.data import Examples, write_jsonl
