@@ -131,8 +131,9 @@ def unique_staging(output: Path, kind: str = "tmp") -> Path:
     return output.parent / f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-# Directories of one output that a run leaves behind only when it is killed.
 def _leftover(output: Path) -> re.Pattern[str]:
+    """The names of the directories a run on ``output`` leaves behind only when it is killed
+    (``.<name>.tmp-<pid>`` is what ferry before unique names left)."""
     return re.compile(rf"\.{re.escape(output.name)}\.(?P<kind>tmp|old)-(?P<pid>\d+)(-[0-9a-f]+)?")
 
 
