@@ -68,15 +68,17 @@ def random_ids(tokenizer: Any, vocab_size: int, batch: int, seq: int, rng: np.ra
 
 def read_texts(path: str, text_column: str = "text", flag: str = "--texts") -> list[str]:
     """Texts without labels: a .txt file (one per line), or the text column of .csv/.tsv/.jsonl/.parquet."""
-    from finetune.data import FORMATS, decode_text, read_rows
+    from finetune.data import FORMATS, decode_text, read_rows, split_lines
 
     p = resolve(path)
+    if p.is_dir():
+        raise DataError(f"{flag} {path}: is a directory; give a .txt (one text per line), .csv, .tsv, .jsonl or .parquet file")
     if not p.is_file():
         raise DataError(f"{flag} {path}: file not found")
     if p.suffix.lower() in FORMATS:
         texts = read_rows(p, text_column, None, "strict", hint="")[0]
     else:
-        texts = decode_text(p.read_bytes(), f"{flag} {path}", "strict", hint="").splitlines()
+        texts = split_lines(decode_text(p.read_bytes(), f"{flag} {path}", "strict", hint=""))
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise DataError(f"{flag} {path}: no texts in the file")
@@ -86,13 +88,18 @@ def read_texts(path: str, text_column: str = "text", flag: str = "--texts") -> l
 def read_jsonl_texts(path: Path) -> tuple[list[str], list[str]]:
     """(texts, labels) of a checkpoint's heldout.jsonl or calibration.jsonl."""
     texts, labels = [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: byte at offset {e.start} is not UTF-8; re-run ferry finetune") from None
+    # JSON Lines: lines end with \n alone (str.splitlines() would also split inside a text at U+2028 ...)
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             texts.append(str(row["text"]))
             labels.append(str(row.get("label", "")))
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):  # ValueError: also a 4,300+ digit integer
             raise DataError(f"{path}: line {n} is not a {{\"text\", \"label\"}} JSON object; re-run ferry finetune") from None
     return texts, labels

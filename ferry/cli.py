@@ -7,11 +7,12 @@ the serving image needs no PyTorch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from ferry import __version__
 from ferry.config import parse
-from ferry.errors import FerryError
+from ferry.errors import FerryError, describe_os_error, one_line
 
 # verb: (module, options dataclass, function, one-line description)
 VERBS: dict[str, tuple[str, str, str, str]] = {
@@ -32,10 +33,10 @@ def usage() -> str:
     width = max(map(len, VERBS))
     lines = [f"  {verb:<{width}}  {spec[3]}" for verb, spec in VERBS.items()]
     return (
-        "usage: ferry [--version] [--help] VERB [options]\n\n"
+        "usage: ferry [--version] [--help] [--debug] VERB [options]\n\n"
         "Fine-tune a transformer, export it to ONNX, prove parity, serve it.\n\nverbs:\n"
         + "\n".join(lines)
-        + "\n\n'ferry VERB --help' lists a verb's options."
+        + "\n\n'ferry VERB --help' lists a verb's options; --debug (or FERRY_DEBUG=1) shows the traceback of an internal error."
     )
 
 
@@ -52,6 +53,9 @@ def run(verb: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("FERRY_DEBUG", "") not in ("", "0")
+    if argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -65,11 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(verb, argv[1:])
     except FerryError as e:
-        print(f"ferry {verb}: error: {e}", file=sys.stderr)
+        print(f"ferry {verb}: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"ferry {verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # OSError: the environment (a file, the disk); anything else: a bug
+        if debug:
+            raise
+        if isinstance(e, OSError):
+            print(f"ferry {verb}: error: {describe_os_error(e)}", file=sys.stderr)
+            return 2
+        first = one_line(str(e).strip().split("\n")[0]) or "(no message)"
+        print(f"ferry {verb}: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

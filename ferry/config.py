@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -122,11 +123,15 @@ def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config {path}: is a directory; give a .yaml file")
     if not p.is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: also undecodable bytes, an integer of 4,300+ digits
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--config {path}: not valid YAML ({first})") from None
     if data is None:
@@ -136,8 +141,18 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ConfigError line (the CLI's convention) instead of usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        hint = ""
+        if m := re.match(r"argument (-[^\s/:]+)[^:]*: expected one argument", message):
+            hint = f" (a value that starts with '-' is written {m.group(1)}=VALUE)"
+        raise ConfigError(f"{message}{hint}; see '{self.prog} --help'")
+
+
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=description,
         formatter_class=argparse.HelpFormatter,

@@ -1,5 +1,36 @@
 """Errors a person can act on. Each is printed as one line and exits with status 2."""
 
+import errno
+
+# What to do about an OSError the CLI did not expect, by errno.
+OS_ERROR_HINTS = {
+    errno.EACCES: "check its permissions",
+    errno.EPERM: "check its permissions",
+    errno.EISDIR: "give a file, not a directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.ENOENT: "check the path",
+    errno.ENOSPC: "free disk space and rerun",
+    errno.EDQUOT: "free disk space (quota) and rerun",
+    errno.EROFS: "choose a writable location",
+    errno.EMFILE: "raise the open-file limit (ulimit -n)",
+    errno.ENAMETOOLONG: "choose a shorter name",
+}
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks escaped, so that an error is one line whatever it quotes."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: the file(s), the system's reason, what to do."""
+    where = f"{e.filename}: " if e.filename is not None else ""
+    if e.filename2 is not None:
+        where = f"{e.filename} -> {e.filename2}: "
+    reason = e.strerror or str(e) or type(e).__name__
+    hint = OS_ERROR_HINTS.get(e.errno, "check the path and the disk")  # type: ignore[arg-type]
+    return one_line(f"{where}{reason}; {hint}")
+
 
 class FerryError(Exception):
     """Bad input or environment: printed without a traceback, exit status 2."""

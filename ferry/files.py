@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 from ferry import __version__
 from ferry.errors import FerryError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock between runs
+    fcntl = None  # type: ignore[assignment]
 
 MANIFEST = "ferry.json"
 PKG_PREFIX = "pkg:"
@@ -60,9 +68,12 @@ def now_iso() -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    """Write JSON via a temporary file, fsync and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -74,7 +85,11 @@ def read_json_object(path: Path, missing: str, where: str | None = None, error: 
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(missing) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        raise error(f"{where}: is a directory, not a JSON file") from None
+    except OSError as e:
+        raise error(f"{where}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
         raise error(f"{where}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise error(f"{where}: expected a JSON object")
@@ -107,36 +122,220 @@ def check_output_dir(output: Path, overwrite: bool, inputs: list[Path] = ()) -> 
 
 
 def staging_dir(output: Path, tag: str = "tmp") -> Path:
-    """The temporary sibling an output is built in before it is renamed into place."""
+    """A fixed sibling of ``output`` (``.<name>.<tag>``), such as fine-tuning's resume state."""
     return output.parent / f".{output.name}.{tag}"
 
 
-def publish(staging: Path, output: Path) -> None:
-    """Move a completed staging directory to ``output``, replacing an old one last."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        os.replace(output, old)
-    os.replace(staging, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def unique_staging(output: Path, kind: str = "tmp") -> Path:
+    """A sibling name no other run uses: ``.<name>.<kind>-<pid>-<random>`` (kind: tmp or old)."""
+    return output.parent / f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _leftover(output: Path) -> re.Pattern[str]:
+    """The names of the directories a run on ``output`` leaves behind only when it is killed
+    (``.<name>.tmp-<pid>`` is what ferry before unique names left)."""
+    return re.compile(rf"\.{re.escape(output.name)}\.(?P<kind>tmp|old)-(?P<pid>\d+)(-[0-9a-f]+)?")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(output: Path) -> list[Path]:
+    """Remove the staging directories of killed runs on ``output`` (their pid is dead); returns them.
+
+    A killed ``--overwrite`` may have moved the complete old output aside (``.old-``) before
+    moving the new one in: if ``output`` is missing, that old directory is put back instead.
+    Call it holding :func:`output_lock`.
+    """
+    pattern, removed = _leftover(output), []
+    for entry in sorted(output.parent.iterdir()) if output.parent.is_dir() else []:
+        m = pattern.fullmatch(entry.name)
+        if not m or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not os.path.lexists(output) and entry.is_dir():
+            os.rename(entry, output)
+            fsync_dir(output.parent)
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def discard(path: Path, output: Path) -> None:
+    """Delete the directory ``path`` (beside ``output``) so a kill midway leaves it whole or gone:
+    it is renamed to a staging name first, which :func:`clean_stale` removes if the kill comes later."""
+    if not path.exists():
+        return
+    trash = unique_staging(output)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+_held: dict[Path, int] = {}  # outputs this process holds the lock of, with the nesting depth
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``output`` (``flock`` on ``.<name>.lock`` beside it) for a run.
+
+    A second run on the same output fails at once with a FerryError naming the holder's pid.
+    Re-entrant within a process. The lock file is removed on release; a run that finds the file
+    it locked already replaced locks again.
+    """
+    key = Path(os.path.abspath(output))
+    if key in _held or fcntl is None:
+        _held[key] = _held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
+        return
+    path = output.parent / f".{output.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise FerryError(
+                f"--output {output} is being written by another ferry run (pid {holder}); "
+                "wait for it to finish, or choose another --output"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file we opened before it unlocked: lock the new one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (``root`` included), bottom up."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            f = os.path.join(dirpath, name)
+            if os.path.islink(f):
+                continue
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2(2): True when done, False where the system or file system lacks it."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd = -100
+    if fn(at_cwd, os.fsencode(src), at_cwd, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def publish(staging: Path, output: Path, overwrite: bool = False) -> None:
+    """Make the complete directory ``staging`` the ``output``, in one rename.
+
+    Everything under ``staging`` is fsync'ed first, the parent directory after. ``output`` must
+    still be absent, unless ``overwrite``: then the old and new directories are swapped atomically
+    (renameat2 RENAME_EXCHANGE; where that is missing the old one is renamed aside, the new one
+    in) and the old one is deleted last.
+    """
+    fsync_tree(staging)
+    parent = output.parent
+    if not os.path.lexists(output):
+        try:
+            done = _renameat2(staging, output, RENAME_NOREPLACE)
+        except FileExistsError:
+            done = False
+        if not done and not os.path.lexists(output):
+            os.rename(staging, output)
+            done = True
+        if done:
+            fsync_dir(parent)
+            return
+    if not overwrite:
+        raise FerryError(f"--output {output} appeared while this run was writing it; nothing was replaced; "
+                         "pass --overwrite to replace it")
+    if _renameat2(staging, output, RENAME_EXCHANGE):
+        fsync_dir(parent)
+        _remove(staging)  # now the old output
+        return
+    old = unique_staging(output, "old")
+    os.rename(output, old)
+    os.rename(staging, output)
+    fsync_dir(parent)
+    _remove(old)
 
 
 @contextlib.contextmanager
 def atomic_dir(output: Path, overwrite: bool, inputs: list[Path] = ()) -> Iterator[Path]:  # type: ignore[assignment]
     """Yield a fresh staging directory; publish it as ``output`` only if the block succeeds.
 
+    The run holds :func:`output_lock` on ``output`` and first removes what killed runs left.
     On any exception the staging directory is removed, so an interrupted write never
     leaves a directory that looks complete.
     """
     output = Path(output)
     check_output_dir(output, overwrite, inputs)
-    staging = staging_dir(output, f"tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with output_lock(output):
+        clean_stale(output)
+        staging = unique_staging(output)
+        staging.mkdir()
+        try:
+            yield staging
+            publish(staging, output, overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

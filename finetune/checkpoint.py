@@ -130,6 +130,8 @@ def check_valid_checkpoint_dir(path: str | Path, flag: str = "CHECKPOINT") -> Ch
     if not config_path.is_file():
         raise CheckpointError(missing)
     config = read_json_object(config_path, missing, error=CheckpointError)
+    if problem := config_problem(config):
+        raise CheckpointError(f"{config_path}: {problem}; re-save the model with save_pretrained, or {MAKE_ONE}")
     archs = config.get("architectures") or []
     if not any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in archs):
         raise CheckpointError(
@@ -147,6 +149,8 @@ def check_valid_checkpoint_dir(path: str | Path, flag: str = "CHECKPOINT") -> Ch
     manifest: dict[str, Any] = {}
     if (p / MANIFEST).exists():
         manifest = read_manifest(p)
+        if problem := manifest_problem(manifest):
+            raise CheckpointError(f"{flag} {path}: {MANIFEST} {problem}; the checkpoint is damaged, run ferry finetune again")
         if manifest.get("stage") != STAGE:
             raise CheckpointError(f"{flag} {path}: {MANIFEST} was written by '{manifest.get('stage')}', not by ferry finetune")
         if manifest.get("task", TEXT) not in TASKS:
@@ -168,6 +172,52 @@ def check_valid_checkpoint_dir(path: str | Path, flag: str = "CHECKPOINT") -> Ch
     id2label = config.get("id2label") or {}
     labels = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else []
     return Checkpoint(p, config, manifest, labels)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with the types of the ferry.json keys later stages read (None: nothing)."""
+    if "stage" not in m:
+        return "has no 'stage'"
+    if not isinstance(m["stage"], str):
+        return "'stage' must be a string"
+    if "task" in m and not isinstance(m["task"], str):
+        return "'task' must be a string"
+    for key in ("settings", "files"):
+        if key in m and not isinstance(m[key], dict):
+            return f"'{key}' must be a JSON object"
+    for key in ("max_length", "image_size"):
+        value = m.get("settings", {}).get(key)
+        if value is not None and not _positive_int(value):
+            return f"'settings.{key}' must be a positive integer, not {value!r}"
+    labels = m.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(y, str) for y in labels)):
+        return "'labels' must be a list of strings"
+    for name, info in m.get("files", {}).items():
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)):
+            return f"'files.{name}' must be a JSON object with a 'sha256' string"
+    return None
+
+
+def config_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the types of config.json's architectures and id2label (None: nothing)."""
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        return "'architectures' must be a list of strings"
+    id2label = config.get("id2label")
+    if id2label is None:
+        return None
+    if not isinstance(id2label, dict):
+        return "'id2label' must be a JSON object"
+    for key in id2label:
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10):
+            return f"'id2label' key {key!r} is not an integer"
+    if sorted(int(k) for k in id2label) != list(range(len(id2label))):
+        return "'id2label' keys must be 0, 1, ... N-1"
+    return None
 
 
 def task_of(config: dict[str, Any], manifest: dict[str, Any]) -> str:

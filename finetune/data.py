@@ -8,8 +8,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import random
+import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -36,11 +38,26 @@ class Examples:
         return Examples([self.texts[i] for i in indices], [self.labels[i] for i in indices], {"split_of": name})
 
 
+# int() refuses more than 4,300 digits; a longer label sorts as text
+INTEGER = re.compile(r"-?[0-9]{1,4000}")
+
+
 def sort_labels(labels: set[str]) -> list[str]:
-    """Integer-like labels in numeric order, others alphabetically."""
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
+    """Integer labels (ASCII digits, one optional minus) in numeric order, others alphabetically."""
+    if all(INTEGER.fullmatch(label) for label in labels):
+        return sorted(labels, key=lambda label: (int(label), label))
     return sorted(labels)
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines ended by \\n, \\r\\n or \\r only: unlike str.splitlines(), U+0085, U+2028, U+2029, form
+    feed and vertical tab stay inside a line, as in CSV and JSON Lines."""
+    return io.StringIO(text, newline=None).read().split("\n")
+
+
+def allow_fields_of(size: int) -> None:
+    """Let the csv module read a field as long as the whole file (its default limit is 128 KiB)."""
+    csv.field_size_limit(max(csv.field_size_limit(), min(size + 1, 2**31 - 1)))
 
 
 DECODE_HINT = " or pass --decode-errors replace"
@@ -90,13 +107,14 @@ def read_rows(
     if fmt == "jsonl":
         texts, labels = [], []
         seen_columns: set[str] = set()
-        for n, line in enumerate(text.splitlines(), 1):
+        # JSON Lines ends lines with \\n alone; any other line break is part of a line.
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+            except ValueError as e:  # JSONDecodeError, or an integer of more than 4,300 digits
+                raise DataError(f"{path}: line {n} is not valid JSON ({getattr(e, 'msg', None) or e})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {n} is not a JSON object")
             seen_columns.update(row)
@@ -108,9 +126,12 @@ def read_rows(
             if label_column is not None:
                 labels.append(row[label_column])
         return texts, labels if label_column is not None else None, 1
-    reader = csv.reader(text.splitlines(), delimiter="\t" if fmt == "tsv" else ",")
+    # As open(newline=""): the csv module itself finds the rows, so a quoted field keeps its line breaks.
+    allow_fields_of(len(text))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+    rows = _csv_rows(reader, path)
     try:
-        header = next(reader)
+        header = next(rows)
     except StopIteration:
         raise DataError(f"{path}: the file is empty") from None
     for flag, name in wanted:
@@ -119,7 +140,7 @@ def read_rows(
     ti = header.index(text_column)
     li = header.index(label_column) if label_column is not None else None
     texts, labels = [], []
-    for row in reader:
+    for row in rows:
         if not row:
             continue
         if len(row) != len(header):
@@ -128,6 +149,17 @@ def read_rows(
         if li is not None:
             labels.append(row[li])
     return texts, labels if li is not None else None, 2
+
+
+def _csv_rows(reader: Any, path: Path) -> Any:
+    """The rows of ``reader``; a csv.Error is a DataError naming the file and the row."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}: row {reader.line_num}: {e}; fix the quoting of that row") from None
 
 
 def _read_dir(path: Path, decode_errors: str) -> tuple[list[str], list[str], str]:
@@ -250,7 +282,13 @@ def check_labels_known(examples: Examples, known: set[str], flag: str) -> None:
         )
 
 
+# Line breaks for str.splitlines() that json.dumps(ensure_ascii=False) leaves raw; escaped, so that
+# every reader, however it splits lines, sees one example per line. Inside a JSON string (the only
+# place they can appear) the escape means the same character.
+_LINE_SAFE = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def write_jsonl(path: Path, examples: Examples) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
         for t, y in zip(examples.texts, examples.labels):
-            f.write(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"text": t, "label": y}, ensure_ascii=False).translate(_LINE_SAFE) + "\n")

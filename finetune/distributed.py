@@ -89,11 +89,13 @@ def reduce_sum(d: Dist, values: Any) -> Any:
     return t.cpu().numpy().astype(arr.dtype)
 
 
-def rng_states(d: Dist) -> dict[str, Any]:
-    """Every rank's RNG state (gathered to all ranks), keyed by rank, for the resume state."""
+def rng_states(d: Dist, generators: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every rank's RNG state (gathered to all ranks), keyed by rank, for the resume state: torch's
+    global generator (dropout), CUDA's, and the named ``generators`` (e.g. the image augmentation's)."""
     import torch
 
     mine = {"torch": torch.get_rng_state()}
+    mine.update({name: g.get_state() for name, g in (generators or {}).items()})
     if d.device is not None and d.device.type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(d.device)
     gathered = [mine]
@@ -105,9 +107,13 @@ def rng_states(d: Dist) -> dict[str, Any]:
     return {f"{kind}_rank{r}": state.cpu() for r, states in enumerate(gathered) for kind, state in states.items()}
 
 
-def restore_rng(d: Dist, saved: dict[str, Any]) -> None:
+def restore_rng(d: Dist, saved: dict[str, Any], generators: dict[str, Any] | None = None) -> None:
     import torch
 
+    for name, g in (generators or {}).items():
+        key = f"{name}_rank{d.rank}"
+        if key in saved:
+            g.set_state(saved[key])
     key = f"torch_rank{d.rank}"
     if key in saved:
         torch.set_rng_state(saved[key])

@@ -204,6 +204,11 @@ def load_lukemelas_weights(model: EfficientNetLiteForImageClassification, path: 
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or non-weights file
         raise CheckpointError(f"{p}: cannot load the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise CheckpointError(
+            f"{p}: not a state_dict (a dict of tensor names to tensors) but a {type(state).__name__}; "
+            "save the weights with torch.save(model.state_dict(), PATH)"
+        )
     if not head:
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("_fc.")})

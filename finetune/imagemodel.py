@@ -93,13 +93,27 @@ def load_image_base(model: str, labels: list[str], dropout: float | None, image_
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     proc_file = Path(source) / "preprocessor_config.json"
     if proc_file.is_file():
-        import json
-
-        proc = json.loads(proc_file.read_text(encoding="utf-8"))
-        mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
+        mean, std = _base_normalization(proc_file, mean, std)
     elif config.model_type == "efficientnet_lite":
         mean, std = LITE_MEAN, LITE_STD
     return net, processor_dict(image_size, mean, std), source
+
+
+def _base_normalization(path: Path, mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """(image_mean, image_std) of a base model's preprocessor_config.json: 3 numbers each (one is repeated)."""
+    from ferry.files import read_json_object
+
+    proc = read_json_object(path, f"{path}: no such file")
+    out = []
+    for key, default in (("image_mean", mean), ("image_std", std)):
+        v = proc.get(key, default)
+        v = [v] * 3 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            raise FerryError(f"{path}: {key} must be 3 numbers, got {v!r}; fix the base model's preprocessor config")
+        out.append([float(x) for x in v])
+    if 0 in out[1]:
+        raise FerryError(f"{path}: image_std has a zero; fix the base model's preprocessor config")
+    return out[0], out[1]
 
 
 def head_parameters(net: nn.Module) -> set[int]:

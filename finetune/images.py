@@ -20,6 +20,23 @@ from ferry.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+def folder_name_problem(label: str) -> str | None:
+    """Why ``label`` cannot name the checkpoint folder ``heldout/<label>/`` (None when it can).
+
+    Refused: path separators and NUL (the copy would land elsewhere), ".", "..", a leading "."
+    (read_image_folder skips hidden folders), the empty name, more than 255 bytes.
+    """
+    if not label or label in (".", ".."):
+        return "cannot be a folder name"
+    if any(c in label for c in "/\\\0"):
+        return "cannot be a folder name (it holds '/', '\\' or NUL)"
+    if label.startswith("."):
+        return "cannot be a folder name (a leading '.' hides the folder)"
+    if len(label.encode("utf-8", "surrogatepass")) > 255:
+        return "cannot be a folder name (more than 255 bytes)"
+    return None
+
+
 def read_image_folder(path: str | Path, flag: str = "--train") -> tuple[list[Path], list[str]]:
     """Files and labels of a ``<label>/<image>`` tree, in sorted order.
 
@@ -78,23 +95,30 @@ def load_labelled_images(
         row = i + first_row
         if y is None or (isinstance(y, str) and not y.strip()) or (isinstance(y, float) and (y != y or not y.is_integer())):
             raise DataError(f"{p.name}: row {row}, column '{label_column}': label {y!r} is empty or not a string/integer")
+        label = str(int(y)) if isinstance(y, float) else str(y)
+        if problem := folder_name_problem(label):
+            raise DataError(f"{p.name}: row {row}, column '{label_column}': label {label[:80]!r} {problem}; rename the label")
         if not isinstance(name, str) or not name.strip():
             raise DataError(f"{p.name}: row {row}, column '{image_column}': {name!r} is not an image path")
         f = (p.parent / name.strip()).resolve()
         if not f.is_file():
             raise DataError(f"{p.name}: row {row}, column '{image_column}': {name} does not exist (looked for {f})")
         texts.append(str(f))
-        labels.append(str(int(y)) if isinstance(y, float) else str(y))
+        labels.append(label)
     return Examples(texts, labels, {"path": str(path), "sha256": sha256_file(p), "rows": len(texts)})
 
 
 def copy_image_tree(examples: Any, dest: Path) -> None:
     """Copy the images of ``examples`` (paths in ``texts``) to ``dest/<label>/<n>-<name>``.
 
-    The index prefix keeps files from different source folders with the same name apart.
+    The index prefix keeps files from different source folders with the same name apart. A label
+    that is not a plain folder name is a DataError, before anything is written.
     """
     import shutil
 
+    for label in sorted(set(examples.labels)):
+        if problem := folder_name_problem(label):
+            raise DataError(f"label {label[:80]!r} {problem}; rename the label")
     for n, (src, label) in enumerate(zip(examples.texts, examples.labels)):
         d = dest / label
         d.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ Lives in ``<staging>/resume/`` (the staging directory is ``.<output>.incomplete`
 - ``best.safetensors``: the weights of the best epoch so far (early stopping keeps them);
 - ``optimizer.pt``, ``scheduler.pt``: state dicts, loaded with ``torch.load(weights_only=True)``,
   which refuses anything but tensors and plain containers (never arbitrary pickle);
-- ``rng.safetensors``: every rank's torch (and CUDA) RNG state, for dropout;
+- ``rng.safetensors``: every rank's torch (and CUDA) RNG state, for dropout, and the image
+  augmentation generator's (``augment_rank<N>``);
 - ``state.json``: epoch, best metric and epoch, early-stopping counter, history, and the
   settings and data hashes the run was started with (``--resume`` refuses others).
 
@@ -21,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import FerryError
-from ferry.files import write_json
+from ferry.files import fsync_dir, fsync_tree, write_json
 
 DIR = "resume"
 STATE = "state.json"
+# The keys of state.json that --resume reads (finetune.train writes them).
+INFO_KEYS = ("epoch", "best_metric", "best_epoch", "bad_epochs", "phase_best", "history", "loss_log", "train_seconds",
+             "train_cpu_seconds", "trained_samples", "settings", "data")
 
 
 def cpu_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -60,23 +64,34 @@ def save(
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
     write_json(tmp / STATE, info)
+    fsync_tree(tmp)
     old = staging / f"{DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        final.rename(old)
+        final.rename(old)  # killed right after this, read_info puts it back
     tmp.rename(final)
+    fsync_dir(staging)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def read_info(staging: Path) -> dict[str, Any] | None:
     """The state.json of a finished epoch, or None when there is none."""
     path = staging / DIR / STATE
+    old = staging / f"{DIR}.old"
+    if not (staging / DIR).exists() and (old / STATE).is_file():
+        old.rename(staging / DIR)  # a run killed in the middle of save(): the previous state is whole
     if not path.is_file():
         return None
+    damaged = FerryError(f"--resume: {path} is damaged; rerun without --resume")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FerryError(f"--resume: {path} is damaged; rerun without --resume") from None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
+        raise damaged from None
+    if not isinstance(info, dict) or any(k not in info for k in INFO_KEYS):
+        raise damaged
+    if not (isinstance(info["settings"], dict) and isinstance(info["data"], dict) and isinstance(info["epoch"], int)):
+        raise damaged
+    return info
 
 
 def load(staging: Path, device: Any) -> dict[str, Any]:
@@ -100,7 +115,3 @@ def load(staging: Path, device: Any) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FerryError(f"--resume: the saved state in {d} cannot be read ({first}); rerun without --resume") from None
 
-
-def remove(staging: Path) -> None:
-    for name in (DIR, f"{DIR}.tmp", f"{DIR}.old"):
-        shutil.rmtree(staging / name, ignore_errors=True)

@@ -6,8 +6,10 @@ validate, keep the best, stop early, save the resume state) and the checkpoint w
 With ``--task image-classification`` the same loop trains an image backbone: the data are
 image files (decoded and preprocessed once, augmented per batch), the freeze modes are per
 stage (:mod:`finetune.imagemodel`), and the processor replaces the tokenizer.
-It trains in ``.<output>.incomplete`` and renames that to ``<output>`` only when the
-checkpoint is complete, so an interrupted run never leaves a directory that looks done.
+It keeps its per-epoch resume state in ``.<output>.incomplete``, writes the checkpoint in a
+staging directory renamed to ``<output>`` only when complete (so an interrupted run never leaves a
+directory that looks done), and deletes the resume state only after that. The run holds a lock
+on ``<output>``, so a second run on it fails at once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import contextlib
 import dataclasses
 import math
 import random
-import shutil
 import sys
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ from typing import Any
 
 from ferry.config import fraction, non_negative, opt, positive, to_dict
 from ferry.errors import ConfigError, FerryError
-from ferry.files import check_output_dir, library_versions, now_iso, publish, resolve, staging_dir
+from ferry.files import atomic_dir, check_output_dir, clean_stale, discard, library_versions, now_iso, output_lock, resolve, staging_dir
 from finetune import checkpoint as ckpt
 from finetune import distributed, state
 from finetune.modeling import check_freeze
@@ -104,12 +105,16 @@ def finetune(args: FinetuneArgs) -> int:
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     dist = distributed.setup()
+    held = contextlib.ExitStack()
     try:
         say = print if not args.quiet and dist.main else (lambda *a, **k: None)
         output = Path(args.output)
-        staging = staging_dir(output, "incomplete")
+        staging = staging_dir(output, "incomplete")  # the resume state
         inputs = [p for p in (modeling.local_path(args.model), *(_local(x) for x in (args.train, args.validation, args.test))) if p]
         check_output_dir(output, args.overwrite, inputs)
+        if dist.main:
+            held.enter_context(output_lock(output))
+            clean_stale(output)
 
         # Data: read, split when --validation/--test are absent, check the labels.
         train, validation, test, split = _load_splits(args, quiet=args.quiet or not dist.main)
@@ -146,10 +151,12 @@ def finetune(args: FinetuneArgs) -> int:
             torch.manual_seed(args.seed + dist.rank)  # DDP broadcast rank 0's weights; dropout differs per rank
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
         train_y = torch.tensor([label_id[y] for y in train.labels])
+        generators: dict[str, Any] = {}  # RNGs besides torch's global one, saved with the resume state
         if image:
             # Decoded and preprocessed once; each batch is augmented on the fly.
             train_pixels = imagemodel.load_pixels(train.texts, tokenizer)
             augment_rng = torch.Generator().manual_seed(args.seed + dist.rank)
+            generators["augment"] = augment_rng
             lengths = None
 
             def batch_inputs(index: list[int]) -> dict[str, Any]:
@@ -213,7 +220,7 @@ def finetune(args: FinetuneArgs) -> int:
             if scaler is not None and saved["scaler"] is not None:
                 scaler.load_state_dict(saved["scaler"])
             best_state = saved["best"]
-            distributed.restore_rng(dist, saved["rng"])
+            distributed.restore_rng(dist, saved["rng"], generators)
             start_epoch = info["epoch"] + 1
             best_metric, best_epoch, bad_epochs = info["best_metric"], info["best_epoch"], info["bad_epochs"]
             phase_best = info["phase_best"]
@@ -225,7 +232,7 @@ def finetune(args: FinetuneArgs) -> int:
             if dist.main:
                 if staging.exists():
                     say(f"note: discarding the interrupted run in {staging} (pass --resume to continue it)", file=sys.stderr)
-                    shutil.rmtree(staging)
+                    discard(staging, output)
                 staging.mkdir(parents=True)
         distributed.barrier(dist)
 
@@ -338,7 +345,7 @@ def finetune(args: FinetuneArgs) -> int:
                 say(f"stopping early: no {args.metric} improvement for {bad_epochs} epochs; best epoch {best_epoch}")
                 break
             if epoch < args.epochs:
-                rng = distributed.rng_states(dist)
+                rng = distributed.rng_states(dist, generators)
                 if dist.main:
                     state.save(
                         staging, model_state=net.state_dict(), best_state=best_state, optimizer=optimizer,
@@ -378,10 +385,7 @@ def finetune(args: FinetuneArgs) -> int:
             "train_samples_per_second": round(trained_samples / max(train_seconds + feature_seconds, 1e-9), 2),
         }
         if dist.main:
-            state.remove(staging)
             history_rows = history + ([{"epoch": best_epoch, "split": "test", **test_metrics}] if test_metrics else [])
-            _write_history(staging / ckpt.HISTORY, history_rows)
-            _plot_curve(staging / ckpt.CURVE, loss_log, history, args.metric, best_epoch)
             manifest = {
                 "task": args.task,
                 "base_model": {"given": args.model, "resolved": source},
@@ -396,9 +400,12 @@ def finetune(args: FinetuneArgs) -> int:
                 "created": now_iso(),
                 "world_size": dist.world_size,
             }
-            ckpt.write_checkpoint(staging, net, tokenizer, manifest, heldout=test, calibration=_calibration(train, args),
-                                  validation=validation)
-            publish(staging, output)
+            with atomic_dir(output, args.overwrite, inputs) as checkpoint_dir:
+                _write_history(checkpoint_dir / ckpt.HISTORY, history_rows)
+                _plot_curve(checkpoint_dir / ckpt.CURVE, loss_log, history, args.metric, best_epoch)
+                ckpt.write_checkpoint(checkpoint_dir, net, tokenizer, manifest, heldout=test,
+                                      calibration=_calibration(train, args), validation=validation)
+            discard(staging, output)  # the resume state, only once the checkpoint is published
         distributed.barrier(dist)
 
         if test_metrics is not None:
@@ -410,6 +417,7 @@ def finetune(args: FinetuneArgs) -> int:
             print(f"checkpoint: {output} (wall {wall:.1f} s, training {timing['train_samples_per_second']:.1f} samples/s)")
         return 0
     finally:
+        held.close()
         distributed.teardown(dist)
 
 

@@ -218,3 +218,114 @@ def test_output_under_a_file(tmp_path, tiny_bert, train_csv, capsys):
     blocker.write_text("x")
     run_fails(finetune_argv(tiny_bert, train_csv, blocker / "sub" / "ckpt"), capsys,
               f"--output {blocker / 'sub' / 'ckpt'}: cannot create")
+
+
+# --- hostile files: malformed manifests and configs, directories, odd labels ------------------------
+
+def damaged_copy(trained, tmp_path, name: str = "ckpt"):
+    import shutil
+
+    return shutil.copytree(trained, tmp_path / name)
+
+
+@pytest.mark.parametrize("change, needles", [
+    (lambda m: m.pop("stage"), ["ferry.json", "'stage'"]),
+    (lambda m: m.update(stage=["finetune"]), ["ferry.json", "'stage'"]),
+    (lambda m: m.update(settings=[1]), ["ferry.json", "'settings' must be a JSON object"]),
+    (lambda m: m["settings"].update(max_length="long"), ["ferry.json", "'settings.max_length' must be a positive integer"]),
+    (lambda m: m["settings"].update(max_length=0), ["'settings.max_length' must be a positive integer"]),
+    (lambda m: m.update(task=7), ["ferry.json", "'task'"]),
+    (lambda m: m.update(labels="food"), ["ferry.json", "'labels' must be a list of strings"]),
+    (lambda m: m.update(files=[]), ["ferry.json", "'files' must be a JSON object"]),
+])
+def test_malformed_checkpoint_manifest_is_named(trained, tmp_path, capsys, change, needles):
+    ckpt = damaged_copy(trained, tmp_path)
+    manifest = json.loads((ckpt / "ferry.json").read_text())
+    change(manifest)
+    (ckpt / "ferry.json").write_text(json.dumps(manifest))
+    line = run_fails(["evaluate", str(ckpt)], capsys, *needles)
+    assert "ferry finetune" in line  # the fix: the command that writes a good one
+
+
+@pytest.mark.parametrize("config, needles", [
+    ([1, 2], ["config.json: expected a JSON object"]),
+    ({"architectures": "BertForSequenceClassification"}, ["'architectures' must be a list of strings"]),
+    ({"architectures": ["BertForSequenceClassification"], "id2label": ["a", "b"]}, ["'id2label' must be a JSON object"]),
+    ({"architectures": ["BertForSequenceClassification"], "id2label": {"zero": "a"}}, ["'id2label' key 'zero' is not an integer"]),
+])
+def test_malformed_checkpoint_config_is_named(trained, tmp_path, capsys, config, needles):
+    ckpt = damaged_copy(trained, tmp_path)
+    if isinstance(config, dict):
+        config = {**json.loads((ckpt / "config.json").read_text()), **config}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    run_fails(["evaluate", str(ckpt)], capsys, str(ckpt / "config.json"), *needles)
+
+
+def test_files_that_are_directories(trained, tmp_path, tiny_bert, train_csv, capsys):
+    ckpt = damaged_copy(trained, tmp_path)
+    (ckpt / "ferry.json").unlink()
+    (ckpt / "ferry.json").mkdir()
+    run_fails(["evaluate", str(ckpt)], capsys, f"{ckpt / 'ferry.json'}: is a directory")
+    run_fails(finetune_argv(tiny_bert, train_csv, tmp_path / "c", "--config", str(tmp_path)), capsys,
+              f"--config {tmp_path}: is a directory")
+    from export.inputs import read_texts
+    from ferry.errors import DataError
+
+    with pytest.raises(DataError, match=f"--calibration {tmp_path}: is a directory"):
+        read_texts(str(tmp_path), flag="--calibration")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_data_file(tmp_path, tiny_bert, train_csv, capsys):
+    import shutil
+
+    data = shutil.copy(train_csv, tmp_path / "locked.csv")
+    os.chmod(data, 0)
+    run_fails(finetune_argv(tiny_bert, data, tmp_path / "c"), capsys, str(data), "Permission denied")
+
+
+def test_labels_and_option_values_that_start_with_dashes(tmp_path, tiny_bert, rows, capsys):
+    names = {"food": "--1", "sport": "-2", "tech": "3"}
+    data = tiny.write_csv(tmp_path / "d.csv", [(t, names[y]) for t, y in rows], label_column="--1")
+    run_fails(finetune_argv(tiny_bert, data, tmp_path / "c", "--label-column", "--1"), capsys,
+              "--label-column", "--label-column=VALUE")
+    out = tmp_path / "c"
+    run_ok(finetune_argv(tiny_bert, data, out, "--epochs", "1", "--label-column=--1"), capsys)
+    assert json.loads((out / "ferry.json").read_text())["labels"] == ["--1", "-2", "3"]
+    assert "on 12 examples" in run_ok(["evaluate", str(out), "--quiet"], capsys)
+
+
+def test_json_integer_of_5000_digits_in_the_training_data(tmp_path, tiny_bert, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "label": ' + "9" * 5000 + "}\n")
+    run_fails(finetune_argv(tiny_bert, data, tmp_path / "c"), capsys, f"{data}: line 1 is not valid JSON")
+
+
+@pytest.mark.parametrize("content", [[1, 2, 3], "weights", {"_conv_stem.weight": [1.0]}, {3: 1}])
+def test_pth_that_is_not_a_state_dict(tmp_path, capsys, content):
+    import torch
+
+    images = tiny.image_folder(tmp_path / "images", per_class=4)
+    pth = tmp_path / "lite0.pth"
+    torch.save(torch.zeros(3) if isinstance(content, str) else content, pth)
+    run_fails(["finetune", "--task", "image-classification", "--model", str(pth), "--train", str(images),
+               "--output", str(tmp_path / "c"), "--quiet"], capsys,
+              f"{pth}: not a state_dict (a dict of tensor names to tensors)")
+
+
+@pytest.mark.parametrize("text", ["[1]", '{"image_mean": ' + "9" * 5000 + "}", '{"image_mean": "grey"}'])
+def test_base_image_model_with_a_malformed_preprocessor_config(tmp_path, capsys, text):
+    base = tiny.image_model(tmp_path / "base", "resnet")
+    (base / "preprocessor_config.json").write_text(text)
+    images = tiny.image_folder(tmp_path / "images", per_class=4)
+    run_fails(["finetune", "--task", "image-classification", "--model", str(base), "--train", str(images),
+               "--output", str(tmp_path / "c"), "--quiet"], capsys, str(base / "preprocessor_config.json"))
+
+
+@pytest.mark.parametrize("text", ["[1]", '{"epoch": ' + "9" * 5000 + "}", '{"epoch": 1}'])
+def test_resume_with_a_damaged_state(tmp_path, tiny_bert, train_csv, capsys, text):
+    state = tmp_path / ".c.incomplete" / "resume"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text(text)
+    run_fails(finetune_argv(tiny_bert, train_csv, tmp_path / "c", "--resume"), capsys,
+              f"--resume: {state / 'state.json'} is damaged", "rerun without --resume")

@@ -141,3 +141,98 @@ def test_given_validation_and_test_files_are_not_split(tmp_path, tiny_bert, rows
     assert m["data"]["validation"]["path"] == str(val)
     heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
     assert [(r["text"], r["label"]) for r in heldout] == rows[105:]
+
+
+# --- hostile text: line separators, quotes, huge fields, huge integers --------------------------------
+
+# Each of these characters is a line break for str.splitlines() but not for CSV or JSON Lines.
+HOSTILE_TEXTS = [
+    "next\u0085line", "line\u2028separator", "paragraph\u2029separator", "form\x0cfeed", "vertical\x0btab",
+    "crlf\r\ninside", "lone\rcr", "lf\ninside", 'quotes "inside", and a comma', '"quoted"', "tab\tinside",
+    "  spaces around  ", "x" * (200 * 1024),
+]
+
+
+def hostile_rows() -> list[tuple[str, str]]:
+    return [(t, "ab"[i % 2]) for i, t in enumerate(HOSTILE_TEXTS)]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_hostile_texts_survive_every_reader_byte_for_byte(tmp_path, fmt):
+    from export.inputs import read_texts
+
+    rows = hostile_rows()
+    path = tmp_path / FORMATS[fmt]
+    if fmt == "jsonl":  # characters written raw, as json.dumps(ensure_ascii=False) writes them
+        path.write_text("".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows),
+                        encoding="utf-8")
+    else:
+        write(path, rows, fmt)
+    ex = load_labelled(str(path))
+    assert list(zip(ex.texts, ex.labels)) == rows
+    assert read_texts(str(path)) == HOSTILE_TEXTS
+
+
+def test_a_text_file_is_split_on_line_ends_only(tmp_path):
+    from export.inputs import read_texts
+
+    one_line = [t for t in HOSTILE_TEXTS if "\n" not in t and "\r" not in t]
+    path = tmp_path / "texts.txt"
+    path.write_bytes(("\r\n".join(one_line[:3]) + "\n" + "\n".join(one_line[3:]) + "\n").encode())
+    assert read_texts(str(path)) == one_line
+
+
+def test_hostile_texts_survive_write_jsonl_and_every_reader_of_it(tmp_path):
+    from export.inputs import read_jsonl_texts
+    from finetune.data import Examples, write_jsonl
+
+    rows = hostile_rows()
+    path = tmp_path / "heldout.jsonl"
+    write_jsonl(path, Examples([t for t, _ in rows], [y for _, y in rows]))
+    # line-safe: even a reader that splits on every Unicode line break sees one line per example
+    assert len(path.read_text(encoding="utf-8").splitlines()) == len(rows)
+    ex = load_labelled(str(path))
+    assert list(zip(ex.texts, ex.labels)) == rows
+    assert read_jsonl_texts(path) == ([t for t, _ in rows], [y for _, y in rows])
+
+
+def test_finetune_keeps_hostile_texts_in_its_heldout_file(tmp_path, tiny_bert, rows, capsys):
+    from export.inputs import read_jsonl_texts
+
+    extra = [(t, "food") for t in HOSTILE_TEXTS[:12]]
+    data = write(tmp_path / "train.csv", rows + extra, "csv")
+    out = tmp_path / "ckpt"
+    run_ok(finetune_argv(tiny_bert, data, out, "--epochs", "1", "--test-fraction", "0.5", "--calibration-samples", "200"), capsys)
+    texts = read_jsonl_texts(out / "heldout.jsonl")[0] + read_jsonl_texts(out / "calibration.jsonl")[0]
+    assert set(HOSTILE_TEXTS[:12]) <= set(texts)
+
+
+def test_csv_error_is_a_data_error_naming_file_and_row(tmp_path, monkeypatch):
+    import finetune.data as data_mod
+
+    path = write(tmp_path / "train.csv", [("short", "a"), ("y" * 5000, "b")], "csv")
+    old = csv.field_size_limit()
+    monkeypatch.setattr(data_mod, "allow_fields_of", lambda size: csv.field_size_limit(1000))
+    try:
+        with pytest.raises(DataError, match=r"train\.csv: row 3: .*field larger than field limit"):
+            load_labelled(str(path))
+    finally:
+        csv.field_size_limit(old)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "heldout"])
+def test_json_integer_of_5000_digits_is_a_data_error(tmp_path, fmt):
+    from export.inputs import read_jsonl_texts
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": ' + "9" * 5000 + "}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.jsonl: line 2"):
+        load_labelled(str(path)) if fmt == "jsonl" else read_jsonl_texts(path)
+
+
+@pytest.mark.parametrize("label", ["--1", "-", "²", "1-"])
+def test_labels_that_look_like_numbers_sort(label):
+    from finetune.data import sort_labels
+
+    assert sorted(sort_labels({label, "2", "3"})) == sorted({label, "2", "3"})
+    assert sort_labels({"-1", "10", "2"}) == ["-1", "2", "10"]

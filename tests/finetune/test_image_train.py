@@ -102,6 +102,28 @@ def test_patience_counts_within_a_phase_and_the_best_checkpoint_over_all(tmp_pat
     assert metrics["epochs_run"] == 4 and not metrics["stopped_early"] and metrics["best_epoch"] == 1
 
 
+def test_image_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data, bases, capsys, monkeypatch):
+    """The augmentation generator is part of the resume state: 1 epoch + --resume == 2 epochs."""
+    from finetune import train as train_mod
+
+    args = ("--freeze", "none", "--epochs", "2", "--augment", "--hflip", "--validation-fraction", "0")  # the last epoch is the checkpoint
+    whole = tmp_path / "whole"
+    run_ok(finetune(bases["effnet"], data, whole, *args), capsys)
+
+    def interrupt(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(train_mod, "after_epoch", interrupt)
+    assert main(finetune(bases["effnet"], data, out, *args)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    run_ok(finetune(bases["effnet"], data, out, *args, "--resume"), capsys)
+    a, b = weights(whole), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_frozen_batchnorm_stays_in_eval_mode(bases):
     from finetune import imagemodel
     from finetune.efficientnet_lite import EfficientNetLiteForImageClassification

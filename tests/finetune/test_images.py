@@ -67,6 +67,31 @@ def test_load_labelled_images_csv_paths_relative_to_the_csv(tmp_path, folder):
         images.load_labelled_images(str(tmp_path / "none.csv"))
 
 
+@pytest.mark.parametrize("label", ["../../escaped", "/tmp/abs", "a/b", "a\\b", ".", "..", ".hidden", "nul\x00byte",
+                                   "x" * 300])
+def test_image_labels_that_are_not_folder_names_are_refused(tmp_path, folder, label):
+    """Image labels become folder names in the checkpoint (heldout/<label>/...): nothing may escape it."""
+    import csv as csv_mod
+
+    shutil.copytree(folder, tmp_path / folder.name)
+    path = tmp_path / "list.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv_mod.writer(f)
+        w.writerows([["path", "label"], ["data/red/0.png", "red"], ["data/red/1.png", label]])
+    with pytest.raises(DataError, match=r"list\.csv: row 3, column 'label': label .* cannot be a folder name"):
+        images.load_labelled_images(str(path), image_column="path")
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text(json.dumps({"image": "data/red/0.png", "label": label}) + "\n")
+    with pytest.raises(DataError, match="cannot be a folder name"):
+        images.load_labelled_images(str(jsonl))
+    # and the writer refuses them too, whatever the caller
+    from finetune.data import Examples
+
+    with pytest.raises(DataError, match="cannot be a folder name"):
+        images.copy_image_tree(Examples([str(folder / "red" / "0.png")], [label]), tmp_path / "out" / "heldout")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
+
+
 # --- open_image -------------------------------------------------------------------------------------
 
 def png_bytes(img: Image.Image) -> bytes:

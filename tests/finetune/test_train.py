@@ -259,6 +259,47 @@ def test_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, tiny_bert, tra
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_full_disk_while_writing_the_checkpoint_keeps_the_resume_state(tmp_path, tiny_bert, train_csv, capsys, monkeypatch):
+    """The resume state is deleted only once the checkpoint is published: a failed write can be resumed."""
+    import errno
+
+    import finetune.checkpoint as ckpt_mod
+
+    args = ("--epochs", "2", "--patience", "0")
+    whole = tmp_path / "whole"
+    run_ok(finetune_argv(tiny_bert, train_csv, whole, *args), capsys)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    out = tmp_path / "c"
+    monkeypatch.setattr(ckpt_mod, "write_json", full)
+    run_fails(finetune_argv(tiny_bert, train_csv, out, *args), capsys, "No space left on device", "free disk space")
+    monkeypatch.undo()
+    assert not out.exists() and (tmp_path / ".c.incomplete" / "resume" / "state.json").is_file()
+    run_ok(finetune_argv(tiny_bert, train_csv, out, *args, "--resume"), capsys)
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "whole"]  # no resume state, staging or lock left
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path, tiny_bert, train_csv, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "c"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom ferry.files import output_lock\n"
+         f"with output_lock(Path({str(out)!r})):\n    print('in', flush=True)\n    sys.stdin.readline()\n"],
+        cwd=Path(__file__).resolve().parents[2], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "in\n"
+        run_fails(finetune_argv(tiny_bert, train_csv, out), capsys, f"another ferry run (pid {holder.pid})")
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert not out.exists() and not (tmp_path / ".c.incomplete").exists()
+
+
 def test_existing_output_is_refused_without_overwrite(trained, tiny_bert, train_csv, capsys):
     run_fails(finetune_argv(tiny_bert, train_csv, trained), capsys, f"--output {trained} already exists", "--overwrite")
 
