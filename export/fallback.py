@@ -144,6 +144,9 @@ def select_fp32_matmuls(quantizer: quantize.StaticQuantizer, fp32: Path, dst: Pa
     returns the quantization settings with ``fp32_matmuls`` and ``fp32_matmuls_selection``."""
     import torch
 
+    if not texts:
+        info = quantizer.quantize(dst)
+        return {**info, "fp32_matmuls": [], "fp32_matmuls_selection": {"on": None, "note": f"{source} has no texts: every linear MatMul quantized"}}
     clock = {"started": time.perf_counter()}
 
     def lap(name: str) -> None:
@@ -162,25 +165,32 @@ def select_fp32_matmuls(quantizer: quantize.StaticQuantizer, fp32: Path, dst: Pa
 
     quantized[0] = quantizer.quantize(path(0))
     lap("calibrate_quantize_s")
-    # the ranking sees a spread of validation texts (the file is ordered by label) and their first lines
-    step = max(1, len(texts) // RANKING_TEXTS)
-    sample = list(texts)[::step][:RANKING_TEXTS]
-    with torch.enable_grad():
-        ranked, scores = rank_matmuls(model, path(0), batches(tokenizer, selection_texts(sample), min(length, RANKING_LENGTH), inputs))
-    lap("ranking_s")
+    ranked: list[str] = []
+    scores: dict[str, float] = {}
+    measured: dict[int, dict[str, Any]] = {}
 
     def quantize_keeping(k: int) -> None:
         if k not in quantized:
             quantized[k] = quantizer.keeping(path(0), quantized[0], path(k), ranked[:k])
 
     def measure(k: int) -> dict[str, Any]:
-        t = time.perf_counter()
-        m = quantize.compare_logits(reference, onnx_logits(path(k), feeds, threads))
-        m["fp32_flops_share"] = round(sum(flops.get(n, 0) for n in ranked[:k]) / max(sum(flops.get(n, 0) for n in quantizer.linear), 1), 4)
-        m["seconds"] = round(time.perf_counter() - t, 2)
-        return m
+        if k not in measured:
+            t = time.perf_counter()
+            m = quantize.compare_logits(reference, onnx_logits(path(k), feeds, threads))
+            m["fp32_flops_share"] = round(sum(flops.get(n, 0) for n in ranked[:k]) / max(sum(flops.get(n, 0) for n in quantizer.linear), 1), 4)
+            m["seconds"] = round(time.perf_counter() - t, 2)
+            measured[k] = m
+        return measured[k]
 
-    k, tried = quantize.choose_fp32_matmuls(quantize_keeping, measure, ranked, gate)
+    sample: list[str] = []
+    if not quantize.reaches_gate(measure(0), gate):  # plain int8 falls short: rank, then try
+        # the ranking sees a spread of validation texts (the file is ordered by label) and their first lines
+        step = max(1, len(texts) // RANKING_TEXTS)
+        sample = list(texts)[::step][:RANKING_TEXTS]
+        with torch.enable_grad():
+            ranked, scores = rank_matmuls(model, path(0), batches(tokenizer, selection_texts(sample), min(length, RANKING_LENGTH), inputs))
+        lap("ranking_s")
+    k, tried = quantize.choose_fp32_matmuls(quantize_keeping, measure, ranked or list(quantizer.linear), gate)
     _move(path(k), dst)
     chosen = next(t for t in tried if t["fp32_matmuls"] == k)
     selection = {
@@ -190,7 +200,7 @@ def select_fp32_matmuls(quantizer: quantize.StaticQuantizer, fp32: Path, dst: Pa
             "method": "mean |d(logit margin)| from each MatMul's int8 error, first order (PyTorch autograd)",
             "texts": len(sample) + len(first_lines(sample)),
             "scores": {n: round(scores[n], 6) for n in ranked if n in scores},
-        },
+        } if ranked else None,
         "tried": tried,
         "chosen": k,
         "reached_gate": quantize.reaches_gate(chosen, gate),
@@ -214,6 +224,8 @@ def _move(src: Path, dst: Path) -> None:
 def summary(q: dict[str, Any]) -> str:
     """One line: what the selection kept in fp32 and what it measured."""
     sel = q["fp32_matmuls_selection"]
+    if not sel.get("tried"):
+        return f"int8-static: {sel.get('note')}"
     chosen = next(t for t in sel["tried"] if t["fp32_matmuls"] == sel["chosen"])
     key = f"agreement_at_{quantize.ERROR_SAFETY:g}x_error"
     verdict = "reached the gate" if sel["reached_gate"] else f"gate {sel['gate']['agreement']:.1%} not reached: best of {len(sel['tried'])} tries"
