@@ -69,6 +69,9 @@ class ExportArgs(GateArgs):
     calibration: str | None = opt(None, "texts to calibrate int8-static on (default: the checkpoint's calibration.jsonl)")
     calibration_samples: int = opt(256, "calibration texts used by int8-static", check=positive)
     calibration_method: str = opt("minmax", "how int8-static sets activation ranges", choices=("minmax", "percentile", "entropy"))
+    int8_smooth: float = opt(0.75, "int8-static of a text model: SmoothQuant strength alpha, moving activation outliers into the weight scales (0: off)", check=lambda v: None if 0 <= v <= 1 else "must be between 0 and 1")
+    int8_select_agreement: float = opt(0.995, "int8-static of a text model: validation label agreement (also at twice the error) that its fp32 fallback aims for; 0: no fallback", check=lambda v: None if 0 <= v <= 1 else "must be between 0 and 1")
+    int8_select_length: int = opt(256, "int8-static of a text model: tokens per validation text when choosing the fp32 fallback", check=positive)
     text_column: str = opt("text", "text column of --calibration and --data")
     label_column: str = opt("label", "label column of --data")
     data: str | None = opt(None, "labelled data for the parity gate (default: the checkpoint's heldout.jsonl)")
@@ -487,7 +490,22 @@ def export(args: ExportArgs) -> int:
             if not args.ensemble and args.optimization in ("O2", "O3") and ckpt.model_type in fusable_model_types():
                 static_opt = optimize(work / "raw", work / "opt-mha", args.optimization, ckpt.model_type, split_qkv=True)
                 base = work / "opt-mha" / "model.onnx"
-            q = quantize.quantize_static_int8(base, work / "int8s.onnx", feeds, isa, args.calibration_method)
+            quantizer = quantize.StaticQuantizer(base, work / "int8s", feeds, isa, args.calibration_method, smooth=args.int8_smooth)
+            if not args.ensemble and ckpt.validation is not None:
+                from export import fallback
+                from export.inputs import read_jsonl_texts
+
+                q = fallback.select_fp32_matmuls(
+                    quantizer, base, work / "int8s.onnx", work / "int8s", model, tokenizer, read_jsonl_texts(ckpt.validation)[0],
+                    min(max_length, args.int8_select_length), inputs, args.int8_select_agreement, args.threads or default_threads(),
+                    str(ckpt.validation),
+                )
+                print(fallback.summary(q), flush=True)
+            else:
+                q = quantizer.quantize(work / "int8s.onnx")
+                q["fp32_matmuls"] = []
+                why = "an ensemble" if args.ensemble else f"{ckpt.path} has no validation.jsonl"
+                q["fp32_matmuls_selection"] = {"on": None, "note": f"{why}: every linear MatMul quantized"}
             q["calibration"]["source"] = str(args.calibration or ckpt.calibration)
             entries["int8-static"] = {"optimization": static_opt, "quantization": q, **place(work / "int8s.onnx", dst)}
         if "fp16" in variants:

@@ -10,8 +10,10 @@ A checkpoint is a valid Hugging Face directory (``save_pretrained``, safetensors
   directory (``<label>/<file>`` copies of the test images) instead;
 - ``calibration.jsonl``: a sample of the training texts, for static quantization; for an image
   checkpoint the ``calibration/`` directory of training images;
-- ``validation/`` (image checkpoints): the validation images, on which export chooses which
-  convolutions int8-static keeps in fp32 (never on the test images);
+- ``validation.jsonl``: the validation split (same format as ``heldout.jsonl``), on which export
+  chooses which MatMuls int8-static keeps in fp32 (never on the test split); for an image
+  checkpoint the ``validation/`` directory of validation images, on which export chooses
+  which convolutions int8-static keeps in fp32;
 - ``metrics.jsonl`` and ``training_curve.png``: the training history.
 
 An image checkpoint (``ferry.json`` ``task`` is ``image-classification``) holds
@@ -37,6 +39,7 @@ IMAGE = "image-classification"
 TASKS = (TEXT, IMAGE)
 HELDOUT = "heldout.jsonl"
 CALIBRATION = "calibration.jsonl"
+VALIDATION = "validation.jsonl"
 HELDOUT_DIR = "heldout"
 CALIBRATION_DIR = "calibration"
 VALIDATION_DIR = "validation"
@@ -86,9 +89,13 @@ class Checkpoint:
 
     @property
     def validation(self) -> Path | None:
-        """An image checkpoint's ``validation/`` folder (None for text, or when the run had none)."""
-        d = self.path / VALIDATION_DIR
-        return d if self.task == IMAGE and d.is_dir() else None
+        """The validation split: ``validation.jsonl`` (text) or the ``validation/`` image folder
+        (None when the run had none, or for a checkpoint written before text kept it)."""
+        if self.task == IMAGE:
+            d = self.path / VALIDATION_DIR
+            return d if d.is_dir() else None
+        p = self.path / VALIDATION
+        return p if p.is_file() else None
 
     @property
     def image_size(self) -> int | None:
@@ -247,7 +254,7 @@ def write_checkpoint(
             manifest carries ``task`` and ``settings.image_size``).
         heldout, calibration: :class:`finetune.data.Examples` to store beside the model; for an
             image model, :class:`finetune.images.ImageExamples`, copied as ``<label>/<file>`` trees.
-        validation: image models only, copied as the ``validation/`` tree (text ignores it).
+        validation: the validation split, written as ``validation.jsonl`` (or the ``validation/`` tree).
     """
     from finetune.data import write_jsonl
 
@@ -257,8 +264,8 @@ def write_checkpoint(
         write_json(staging / PROCESSOR_FILE, tokenizer)
     else:
         tokenizer.save_pretrained(staging)
-    stored = [(heldout, HELDOUT, HELDOUT_DIR), (calibration, CALIBRATION, CALIBRATION_DIR)]
-    for examples, jsonl, folder in stored + ([(validation, None, VALIDATION_DIR)] if image else []):
+    stored = [(heldout, HELDOUT, HELDOUT_DIR), (calibration, CALIBRATION, CALIBRATION_DIR), (validation, VALIDATION, VALIDATION_DIR)]
+    for examples, jsonl, folder in stored:
         if examples is None:
             continue
         if image:

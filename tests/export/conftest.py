@@ -81,7 +81,7 @@ def train(model, tokenizer, rows, steps: int = 80) -> None:
 
 
 def make_checkpoint(path: Path, arch: str = "bert", steps: int = 80, vocab_size: int | None = None, tokenizer=None, seed: int = 0) -> Path:
-    """A complete checkpoint as `ferry finetune` writes it: model, tokenizer, ferry.json, held-out and calibration data."""
+    """A complete checkpoint as `ferry finetune` writes it: model, tokenizer, ferry.json, held-out, validation and calibration data."""
     from ferry.files import atomic_dir
     from finetune.checkpoint import write_checkpoint
     from finetune.data import Examples
@@ -92,11 +92,12 @@ def make_checkpoint(path: Path, arch: str = "bert", steps: int = 80, vocab_size:
     rows = tiny.texts(30, seed=11)
     if steps:
         train(model, tokenizer, rows, steps)
-    held, cal = tiny.texts(12, seed=12), tiny.texts(10, seed=13)
+    held, cal, val = tiny.texts(12, seed=12), tiny.texts(10, seed=13), tiny.texts(8, seed=14)
     heldout = Examples([t for t, _ in held], [y for _, y in held])
     calibration = Examples([t for t, _ in cal], [y for _, y in cal])
+    validation = Examples([t for t, _ in val], [y for _, y in val])
     with atomic_dir(path, overwrite=True) as staging:
-        write_checkpoint(staging, model, tokenizer, {"settings": {"max_length": 64}, "labels": LABELS}, heldout, calibration)
+        write_checkpoint(staging, model, tokenizer, {"settings": {"max_length": 64}, "labels": LABELS}, heldout, calibration, validation)
     return path
 
 

@@ -81,3 +81,77 @@ def test_fp16_has_fp32_inputs_outputs_and_fp16_weights(bert_artifact):
     assert [o.type.tensor_type.elem_type for o in model.graph.output] == [TensorProto.FLOAT]
     kinds = Counter(t.data_type for t in model.graph.initializer)
     assert kinds[TensorProto.FLOAT16] > 10 and kinds.get(TensorProto.FLOAT, 0) == 0
+
+
+def test_static_int8_keeps_the_residual_stream_fp32(bert_artifact):
+    """Only the quantized MatMuls read DequantizeLinear outputs: ONNX Runtime's QDQ quantizer
+    rewires every reader of a quantized tensor, so without the repair the LayerNorm outputs
+    reached the next residual connection (SkipLayerNormalization) rounded to 8 bits."""
+    import onnx
+
+    model = onnx.load(str(bert_artifact / "model_int8_static.onnx"))
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    readers = Counter(n.op_type for n in model.graph.node if any(i in dq for i in n.input))
+    assert readers == Counter({"MatMul": 12})
+    info = __import__("json").loads((bert_artifact / "ferry.json").read_text())["variants"]["int8-static"]["quantization"]
+    assert info["smoothing"]["method"] == "SmoothQuant" and info["smoothing"]["tensors"] == 8
+
+
+def test_smoothing_leaves_the_fp32_function_unchanged(bert_artifact, tmp_path):
+    """SmoothQuant divides each MatMul input channel by s and multiplies the weight row by s:
+    in fp32 the logits stay what they were, and the scales do move range out of the activations."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(bert_artifact / "model.onnx"))
+    linear, _ = quantize._linear_matmuls(model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 60, size=(3, 16)).astype(np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    info = quantize.smooth_matmul_inputs(model, linear, [feed], 0.75, tmp_path)
+    assert info["tensors"] > 0
+    assert Counter(n.op_type for n in model.graph.node)["Mul"] >= info["tensors"]
+    onnx.save(model, str(tmp_path / "smoothed.onnx"))
+
+    def logits(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+
+    before, after = logits(bert_artifact / "model.onnx"), logits(tmp_path / "smoothed.onnx")
+    assert np.abs(before - after).max() < 1e-4
+    inv = [t for t in model.graph.initializer if t.name.endswith("_inv_scale")]
+    assert len(inv) == info["tensors"] and any(abs(float(v) - 1) > 0.05 for t in inv for v in onnx.numpy_helper.to_array(t))
+
+
+def fake_measure(table):
+    """measure(k) of a fake try: (agreement, agreement at 2x error, mean |Δlogit|) per k."""
+    return lambda k: dict(zip(("agreement", "agreement_at_2x_error", "mean_abs_diff"), table[k]))
+
+
+@pytest.mark.parametrize("table,n_nodes,want_k,want_tried", [
+    # the smallest set that reaches the gate: k=2 agrees, but not with twice its error
+    ({0: (0.98, 0.95, 0.2), 2: (0.996, 0.99, 0.1), 4: (0.997, 0.996, 0.05), 8: (1, 1, 0.01)}, 36, 4, [0, 2, 4]),
+    ({0: (1.0, 1.0, 0.01)}, 36, 0, [0]),  # nothing kept when plain int8 reaches it
+    # none does: the best agreement, then at 2x error, then mean |Δlogit|, then fewer fp32 MatMuls
+    ({0: (0.98, 0.9, 0.2), 2: (0.99, 0.95, 0.1), 4: (0.99, 0.97, 0.08), 8: (0.99, 0.97, 0.05), 12: (0.99, 0.97, 0.05)}, 36, 8, [0, 2, 4, 8, 12]),
+    ({0: (0.98, 0.9, 0.2), 2: (0.97, 0.9, 0.1)}, 3, 0, [0, 2]),  # never more MatMuls than the graph has
+])
+def test_choose_fp32_matmuls(table, n_nodes, want_k, want_tried):
+    written = []
+    ranked = [f"matmul{i}" for i in range(n_nodes)]
+    k, tried = quantize.choose_fp32_matmuls(written.append, fake_measure(table), ranked, 0.995)
+    assert k == want_k and written == want_tried and [t["fp32_matmuls"] for t in tried] == want_tried
+    assert all(t["nodes"] == ranked[: t["fp32_matmuls"]] for t in tried)
+
+
+def test_compare_logits_counts_near_flips():
+    """A try that flips no label can still fail the doubled-error check: its error used more
+    than half of a text's margin."""
+    import numpy as np
+
+    ref = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 0.0], [1.0, 0.0, 0.9]])
+    close = ref + np.array([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [-0.04, 0.0, 0.04]])  # text 3: margin 0.1 -> 0.02
+    m = quantize.compare_logits(ref, close)
+    assert m["agreement"] == 1.0 and m["flips"] == 0
+    assert m["agreement_at_2x_error"] == pytest.approx(2 / 3, abs=1e-6)
+    assert m["mean_abs_diff"] == pytest.approx(0.18 / 9, abs=1e-6)

@@ -141,6 +141,8 @@ def test_given_validation_and_test_files_are_not_split(tmp_path, tiny_bert, rows
     assert m["data"]["validation"]["path"] == str(val)
     heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
     assert [(r["text"], r["label"]) for r in heldout] == rows[105:]
+    validation = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
+    assert [(r["text"], r["label"]) for r in validation] == rows[90:105]
 
 
 # --- hostile text: line separators, quotes, huge fields, huge integers --------------------------------

@@ -17,7 +17,7 @@ from tests.finetune.conftest import finetune_argv, read_jsonl, run_fails, run_ok
 
 CHECKPOINT_FILES = {
     "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "vocab.txt", "ferry.json", "heldout.jsonl", "calibration.jsonl", "metrics.jsonl", "training_curve.png",
+    "vocab.txt", "ferry.json", "heldout.jsonl", "validation.jsonl", "calibration.jsonl", "metrics.jsonl", "training_curve.png",
 }
 
 
@@ -68,6 +68,20 @@ def test_history_heldout_and_calibration(trained):
     config = json.loads((trained / "config.json").read_text())
     assert config["id2label"] == {"0": "food", "1": "sport", "2": "tech"}
     assert config["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_validation_split_is_kept(trained, rows):
+    """validation.jsonl holds exactly the validation part of the seeded split (not the test
+    part, not training texts): export chooses int8-static's fp32 MatMuls on it."""
+    from finetune.data import stratified_split
+
+    _, val_ix, test_ix = stratified_split([y for _, y in rows], [0.1, 0.1], 42, "train, validation, test")
+    validation = read_jsonl(trained / "validation.jsonl")
+    assert [(r["text"], r["label"]) for r in validation] == [rows[i] for i in val_ix]
+    assert [(r["text"], r["label"]) for r in read_jsonl(trained / "heldout.jsonl")] == [rows[i] for i in test_ix]
+    ckpt = check_valid_checkpoint_dir(trained)
+    assert ckpt.validation == trained / "validation.jsonl"
+    assert ckpt.heldout == trained / "heldout.jsonl"
 
 
 def test_learns_the_tiny_task(trained):
