@@ -62,8 +62,9 @@ BASELINE = "pytorch-fp32"
 # get the fixed SETTLE_S pause.
 SETTLE_S = 0.05
 SETTLE_MAX_S = 0.5
-IDLE_PERIOD_S = 0.005  # idle: under IDLE_SHARE of one core over this period
+IDLE_PERIOD_S = 0.005  # idle: under IDLE_SHARE of one core in each of IDLE_PERIODS periods in a row
 IDLE_SHARE = 0.1
+IDLE_PERIODS = 3  # one quiet period is not enough on a busy machine: a spinning thread may just be waiting for a core
 VERSIONS = ("torch", "onnxruntime-gpu", "onnxruntime", "openvino", "transformers", "optimum-onnx", "onnx", "numpy")
 # The cell of the headline speedup and of the baseline check, when the grid has it.
 HEADLINE_CELL = (32, 128)
@@ -683,19 +684,24 @@ def process_cpu_ns(pid: int) -> int | None:
     return total
 
 
-def wait_idle(pid: int, cap: float = SETTLE_MAX_S, period: float = IDLE_PERIOD_S, share: float = IDLE_SHARE) -> float:
-    """Waits until process ``pid`` uses under ``share`` of one core over ``period`` (its
-    pools stopped spinning), at most ``cap`` seconds; returns the seconds waited. Without
-    schedstat (not Linux), the fixed SETTLE_S pause."""
+def wait_idle(pid: int, cap: float = SETTLE_MAX_S, period: float = IDLE_PERIOD_S, share: float = IDLE_SHARE,
+              periods: int = IDLE_PERIODS) -> float:
+    """Waits until process ``pid`` uses under ``share`` of one core in each of ``periods``
+    consecutive periods of ``period`` seconds (its pools stopped spinning), at most ``cap``
+    seconds; returns the seconds waited. Without schedstat (not Linux), the fixed SETTLE_S pause."""
     start = time.perf_counter()
     last = process_cpu_ns(pid)
     if last is None:
         time.sleep(SETTLE_S)
         return SETTLE_S
+    quiet = 0
     while time.perf_counter() - start < cap:
         time.sleep(period)
         now = process_cpu_ns(pid)
-        if now is None or now - last < share * period * 1e9:
+        if now is None:
+            break
+        quiet = quiet + 1 if now - last < share * period * 1e9 else 0
+        if quiet >= periods:
             break
         last = now
     return time.perf_counter() - start
