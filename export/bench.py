@@ -1,28 +1,45 @@
 """`ferry bench ARTIFACT`: how fast is each form of the model, offline, side by side.
 
-Engines: PyTorch eager on the source checkpoint (fp32; fp16 and bf16 on CUDA) and ONNX
-Runtime for each variant, on CPU and on CUDA when a GPU is usable. Each cell of the grid
-(batch size x sequence length, or ``--texts`` with their natural lengths) runs every
-engine interleaved: warm-up, then rounds in which each engine times one window of
-calls, until the spread of each engine's last windows is under ``--spread`` or the cell
-has used ``--max-seconds``. So drift on a shared machine hits all engines alike, and a
-speedup is a ratio measured in the same cell of the same run.
+Engines: PyTorch on the source checkpoint the way a user runs it at its best (eager fp32,
+and bf16 autocast where the CPU has bf16 instructions; fp32, fp16 and bf16 weights on
+CUDA) and every variant of the artifact through the engine and precision it is served with
+(``runtime.engines.open_engine``: ONNX Runtime, OpenVINO). A variant whose engine is
+missing or cannot open it here is skipped, with the reason in the report.
 
-Per cell and engine: p50/p90/p99 latency, sequences/s and tokens/s, peak memory (RSS
-growth on CPU, ``max_memory_allocated`` for PyTorch on CUDA) and the speedup over PyTorch
-eager fp32 on the same device. The report is ``bench.json`` (with the machine: CPU model,
-cores, GPU, library versions, load), ``bench.md`` and two PNG plots.
+Each engine runs in its own process (multiprocessing, "spawn"), which loads its model once
+and then waits. Each cell of the grid (batch size x sequence length, or ``--texts`` with
+their natural lengths) is timed in rounds: the parent tells one engine at a time to run one
+timing window, so only one engine computes at any moment, with all the cores and a process
+of its own (no other engine's thread pools or allocations beside it). Rounds go on until
+the spread of each engine's last windows is under ``--spread`` or the cell has used
+``--max-seconds``, so drift on a shared machine hits all engines alike and a speedup is a
+ratio measured in the same cell of the same run. An engine whose process crashes is
+reported under ``failed`` and the others go on.
 
+Per cell and engine: p50/p90/p99 latency, sequences/s and tokens/s, peak memory (RSS growth
+of the engine's process during its windows, from the kernel's high-water mark;
+``max_memory_allocated`` for PyTorch on CUDA) and the speedup over **the fastest PyTorch
+path** on the same device and cell (named in ``baseline``). The headline is that speedup at
+batch 32 x 128 (else the largest cell). The baseline check: on the headline cell each
+PyTorch path has a twin, a fresh process of its own on the same model and inputs that runs
+plain back-to-back calls, timed in the same rounds (so a change in the machine's load hits
+both); the fastest path's in-grid p50 within 5% of its twin's is "ok", else the report warns
+that every speedup is off by that much.
+
+The report is ``bench.json`` (with the machine: CPU model and ISA flags, cores, GPU,
+library versions, load), ``bench.md`` and two PNG plots.
 ``ferry bench --compare A.json B.json`` prints the ratios between two reports.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -38,8 +55,31 @@ from ferry.files import atomic_dir, check_output_dir, library_versions, now_iso,
 
 REPORT, TABLE, LATENCY_PNG, THROUGHPUT_PNG = "bench.json", "bench.md", "latency.png", "throughput.png"
 BASELINE = "pytorch-fp32"
+# After a window, the engine's worker threads keep spinning for a while (ONNX Runtime's
+# pool: ~50-60 ms of a core after each run on the AMD EPYC here; OpenMP: a few ms), and they
+# would steal cores from the next engine. A worker process is waited for until its threads
+# are idle (their CPU time stops growing), up to SETTLE_MAX_S; in-process engines (Local)
+# get the fixed SETTLE_S pause.
 SETTLE_S = 0.05
-VERSIONS = ("torch", "onnxruntime-gpu", "onnxruntime", "transformers", "optimum-onnx", "onnx", "numpy")
+SETTLE_MAX_S = 0.5
+IDLE_PERIOD_S = 0.005  # idle: under IDLE_SHARE of one core in each of IDLE_PERIODS periods in a row
+IDLE_SHARE = 0.1
+IDLE_PERIODS = 3  # one quiet period is not enough on a busy machine: a spinning thread may just be waiting for a core
+VERSIONS = ("torch", "onnxruntime-gpu", "onnxruntime", "openvino", "transformers", "optimum-onnx", "onnx", "numpy")
+# The cell of the headline speedup and of the baseline check, when the grid has it.
+HEADLINE_CELL = (32, 128)
+# The in-grid PyTorch baseline within this fraction of a standalone loop counts as "ok".
+BASELINE_TOLERANCE = 0.05
+# How a PyTorch engine runs, per device and precision.
+PYTORCH_MODES = {
+    ("cpu", "fp32"): "eager fp32",
+    ("cpu", "bf16"): "eager, torch.autocast('cpu', bfloat16)",
+    ("cuda", "fp32"): "eager fp32",
+    ("cuda", "fp16"): "eager, weights and activations fp16",
+    ("cuda", "bf16"): "eager, weights and activations bf16",
+}
+NO_BF16 = "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16): bf16 would be emulated"
+TWIN = " (standalone)"  # the name of an engine's twin in the baseline check
 
 
 def _all_positive(values: list[int]) -> str | None:
@@ -54,8 +94,9 @@ class BenchArgs:
     artifact: str = opt("", "artifact directory written by ferry export", positional=True)
     output: str | None = opt(None, "report directory (default: <artifact>-bench beside the artifact)", short="-o")
     overwrite: bool = opt(False, "replace an existing --output")
-    variants: list[str] = opt([], "ONNX variants to run (default: all in the artifact)")
-    pytorch: bool = opt(True, "also run PyTorch eager on the source checkpoint (the speedup baseline)")
+    variants: list[str] = opt([], "artifact variants to run, each through its own engine and precision (default: all in the artifact)")
+    pytorch: bool = opt(True, "also run PyTorch on the source checkpoint: eager fp32, and bf16 autocast where the CPU "
+                        "has bf16 (the fastest of them is the speedup baseline)")
     checkpoint: str | None = opt(None, "the PyTorch checkpoint (default: the artifact's source)")
     device: str = opt("auto", "cpu engines only, cuda engines only, or auto (CPU, and CUDA when usable)", choices=("auto", "cpu", "cuda"))
     batch_sizes: list[int] = opt([1, 8, 32, 64], "batch sizes of the grid", check=_all_positive)
@@ -66,13 +107,16 @@ class BenchArgs:
     texts: str | None = opt(None, "real texts (.txt one per line, or .csv/.tsv/.jsonl/.parquet): natural lengths instead of --seq-lengths")
     text_column: str = opt("text", "text column of --texts")
     images: str | None = opt(None, "image artifacts: real images (a <label>/<image> folder) instead of random pixels")
-    threads: int | None = opt(None, "threads for PyTorch and ONNX Runtime alike (default: the physical cores)", check=positive)
+    threads: int | None = opt(None, "threads for every engine alike: PyTorch, ONNX Runtime, OpenVINO (default: the physical cores)", check=positive)
     warmup: int = opt(1, "untimed calls per engine and cell", check=lambda v: None if v >= 0 else "must be >= 0")
-    max_seconds: float = opt(4.0, "time limit per cell (all engines together), after warm-up", check=positive)
+    max_seconds: float = opt(4.0, "time limit per cell (all engines together, one at a time), after warm-up", check=positive)
     spread: float = opt(0.10, "stable when (max-min)/median of the last windows is below this", check=positive)
     windows: int = opt(3, "windows compared for stability", check=lambda v: None if v >= 2 else "must be >= 2")
     window_seconds: float = opt(0.25, "least time per timing window (a window has one call or more)", check=positive)
     seed: int = opt(0, "seed of the random tokens")
+    check_baseline: bool = opt(True, "on the headline cell (32x128, else the largest), time each PyTorch path also in a fresh "
+                               "process of its own running a plain loop (nothing else in it), in the same rounds as the grid, and warn when "
+                               "the baseline's p50 in the grid is off by more than 5 percent")
     compare: list[str] = opt([], "two bench.json reports: print the ratios B/A instead of benchmarking")
     quiet: bool = opt(False, "no progress bars")
 
@@ -110,8 +154,11 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from runtime.hardware import read_cpu
+
     info = {
         "cpu": cpu,
+        "cpu_isa": read_cpu().as_dict(),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -134,51 +181,100 @@ def machine_info() -> dict[str, Any]:
 
 @dataclasses.dataclass
 class EngineSpec:
+    """One engine of the grid.
+
+    Attributes:
+        kind: "pytorch" (the source checkpoint) or "onnx" (an artifact variant).
+        engine: what runs it: "torch", "onnxruntime" or "openvino".
+        mode: how PyTorch runs it (``PYTORCH_MODES``); None for a variant.
+    """
+
     name: str
     kind: str  # "pytorch" or "onnx"
     device: str  # "cpu" or "cuda"
     precision: str
     variant: str | None = None
+    engine: str = "onnxruntime"
+    mode: str | None = None
 
     @property
     def baseline(self) -> str:
         return f"{BASELINE}-{self.device}"
 
 
+def _variant_spec(name: str, spec: Any) -> Any:
+    """A VariantSpec from an artifact variant's spec, or from a bare precision (ONNX Runtime)."""
+    from runtime.artifact import VariantSpec
+
+    if isinstance(spec, VariantSpec):
+        return spec
+    precision = str(spec)
+    return VariantSpec("", "onnxruntime", precision, "cuda" if precision == "fp16" else "cpu")
+
+
 def plan_engines(
-    variants: dict[str, str], device: str, pytorch: bool, torch_cuda: bool, ort_cuda: bool
+    variants: dict[str, Any],
+    device: str,
+    pytorch: bool,
+    torch_cuda: bool,
+    ort_cuda: bool,
+    cpu: Any = None,
+    installed: Callable[[str], bool] | None = None,
 ) -> tuple[list[EngineSpec], dict[str, str]]:
     """The engines to run and the ones skipped with the reason.
 
     Args:
-        variants: variant name -> precision.
+        variants: variant name -> its ``runtime.artifact.VariantSpec`` (file, engine,
+            precision, device), or a bare precision for an ONNX Runtime variant.
         device: "auto", "cpu" or "cuda".
         torch_cuda, ort_cuda: whether PyTorch / ONNX Runtime can use a GPU here.
+        cpu: the ``runtime.hardware.Cpu`` (default: this machine's); bf16 autocast and
+            bf16 variants are planned only when it has bf16 instructions.
+        installed: whether an engine's package is installed (default:
+            ``runtime.engines.engine_installed``).
     """
+    if cpu is None:
+        from runtime.hardware import read_cpu
+
+        cpu = read_cpu()
+    if installed is None:
+        from runtime.engines import engine_installed
+
+        installed = engine_installed
     engines: list[EngineSpec] = []
     skipped: dict[str, str] = {}
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "auto": ["cpu", "cuda"]}[device]
     if device == "auto" and not torch_cuda and not ort_cuda:
         devices = ["cpu"]
         skipped["cuda engines"] = "no CUDA GPU usable by PyTorch or ONNX Runtime here"
+    bf16 = cpu.has("bf16")
     for dev in devices:
         if pytorch:
-            for precision in ("fp32",) if dev == "cpu" else ("fp32", "fp16", "bf16"):
+            for precision in ("fp32", "bf16") if dev == "cpu" else ("fp32", "fp16", "bf16"):
                 name = f"pytorch-{precision}-{dev}"
                 if dev == "cuda" and not torch_cuda:
                     skipped[name] = "PyTorch sees no CUDA GPU"
+                elif dev == "cpu" and precision == "bf16" and not bf16:
+                    skipped[name] = f"bf16 autocast: {NO_BF16}"
                 else:
-                    engines.append(EngineSpec(name, "pytorch", dev, precision))
-        for variant, precision in variants.items():
+                    engines.append(EngineSpec(name, "pytorch", dev, precision, engine="torch", mode=PYTORCH_MODES[dev, precision]))
+        for variant, given in variants.items():
+            spec = _variant_spec(variant, given)
             name = f"onnx-{variant}-{dev}"
-            if dev == "cpu" and precision == "fp16":
-                skipped[name] = "fp16 is for the CUDA provider"
-            elif dev == "cuda" and precision == "int8":
+            if not installed(spec.engine):
+                skipped[name] = f"the {spec.engine} package is not installed (pip install {spec.engine})"
+            elif dev == "cpu" and spec.device == "cuda":
+                skipped[name] = f"{spec.precision} is for the CUDA provider"
+            elif dev == "cpu" and spec.precision == "bf16" and not bf16:
+                skipped[name] = NO_BF16
+            elif dev == "cuda" and spec.engine == "openvino":
+                skipped[name] = "ferry runs OpenVINO on the CPU only"
+            elif dev == "cuda" and spec.precision == "int8":
                 skipped[name] = "int8 variants are tuned for CPU kernels"
             elif dev == "cuda" and not ort_cuda:
                 skipped[name] = "ONNX Runtime has no usable CUDA provider here"
             else:
-                engines.append(EngineSpec(name, "onnx", dev, precision, variant))
+                engines.append(EngineSpec(name, "onnx", dev, spec.precision, variant, engine=spec.engine))
     if device == "cuda" and not engines:
         raise FerryError("--device cuda: no CUDA GPU usable by PyTorch or ONNX Runtime here; use --device cpu")
     return engines, skipped
@@ -192,6 +288,8 @@ class Engine:
 
 
 def pytorch_engine(spec: EngineSpec, model: Any) -> Engine:
+    """PyTorch eager; on CPU, bf16 is ``torch.autocast`` over the fp32 model (how a user gets
+    bf16 matmuls on a CPU with AMX or AVX512-BF16), on CUDA the model cast to the dtype."""
     import copy
 
     import torch
@@ -202,33 +300,60 @@ def pytorch_engine(spec: EngineSpec, model: Any) -> Engine:
         net = copy.deepcopy(model).to("cuda", dtype=dtype)
     net.eval()
     dev = torch.device(spec.device)
+    autocast = spec.device == "cpu" and spec.precision == "bf16"
 
     def prepare(feeds: dict[str, np.ndarray]) -> dict[str, Any]:
         return {k: torch.from_numpy(v).to(dev) for k, v in feeds.items()}
 
     def run(batch: dict[str, Any]) -> Any:
         with torch.inference_mode():
+            if autocast:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return net(**batch).logits
             return net(**batch).logits
 
     return Engine(spec, run, prepare, torch.cuda.synchronize if spec.device == "cuda" else None)
 
 
 def onnx_engine(spec: EngineSpec, path: Path, threads: int) -> Engine:
-    from runtime.engines import CUDA, active_provider, create_session
+    """An artifact variant opened by ``runtime.engines.open_engine`` with its engine and precision.
 
-    session = create_session(path, spec.device, threads)
-    if spec.device == "cuda" and active_provider(session) != CUDA:
-        raise FerryError(f"{path}: ONNX Runtime fell back to {active_provider(session)}; no usable GPU for {spec.name}")
-    wanted = [i.name for i in session.get_inputs()]
+    Raises:
+        EngineUnavailable: the engine is not installed, cannot compile the file here, or
+            (CUDA) ONNX Runtime fell back to the CPU.
+    """
+    from runtime.engines import CUDA, TENSORRT, EngineUnavailable, open_engine
+
+    tensorrt = bool(spec.variant and spec.variant.endswith("-tensorrt"))
+    engine = open_engine(path, spec.engine, spec.precision, spec.device, threads, tensorrt=tensorrt)
+    if spec.device == "cuda" and engine.provider not in (CUDA, TENSORRT):
+        raise EngineUnavailable(f"{path}: ONNX Runtime fell back to {engine.provider}; no usable GPU for {spec.name}")
+    wanted = list(engine.input_names)
 
     def prepare(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: feeds[k] for k in wanted}
 
-    return Engine(spec, lambda batch: session.run(None, batch), prepare)
+    return Engine(spec, engine.run, prepare)
+
+
+def load_pytorch(spec: EngineSpec, artifact: str, checkpoint: str | None, threads: int) -> Engine:
+    """The PyTorch engine of ``spec`` on the artifact's source checkpoint (run inside its worker)."""
+    import torch
+
+    from export.parity import load_artifact_source
+
+    torch.set_num_threads(threads)
+    _, model, _, _ = load_artifact_source(check_valid_artifact_dir(artifact), checkpoint, " or --no-pytorch (no speedups then)")
+    return pytorch_engine(spec, model)
+
+
+def load_variant(spec: EngineSpec, path: str, threads: int) -> Engine:
+    """The engine of an artifact variant (run inside its worker)."""
+    return onnx_engine(spec, Path(path), threads)
 
 
 class PeakRSS:
-    """The largest resident-set growth of this process while the block runs (sampled)."""
+    """The largest resident-set growth of this process while the block runs (sampled by a thread)."""
 
     def __init__(self, interval: float = 0.005):
         import psutil
@@ -253,6 +378,62 @@ class PeakRSS:
         self._thread.join()
         self._top = max(self._top, self._proc.memory_info().rss)
         self.peak = self._top - self._base
+
+
+class HighWaterRSS:
+    """The resident-set growth of this process while the block runs, from the kernel's
+    high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``): exact, and no
+    sampling thread competing with the engine for the cores and the GIL. Linux only."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+    @staticmethod
+    def usable() -> bool:
+        try:
+            HighWaterRSS._reset()
+            return HighWaterRSS._status("VmHWM") > 0
+        except OSError:
+            return False
+
+    @staticmethod
+    def _reset() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS to the current RSS (Linux >= 4.0)
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status", encoding="ascii") as f:
+            match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.MULTILINE)
+        return int(match.group(1)) * 1024 if match else 0
+
+    def __enter__(self) -> "HighWaterRSS":
+        self._reset()
+        self._base = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.peak = max(0, self._status("VmHWM") - self._base)
+
+
+class NoMemory:
+    """No memory measurement (for experiments that need the timing alone)."""
+
+    peak = 0
+
+    def __enter__(self) -> "NoMemory":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def memory_meter(how: str = "auto") -> Callable[[], Any]:
+    """A factory of peak-memory context managers: "auto" (high-water mark where the kernel
+    has it, else a sampling thread), "hwm", "thread" or "none"."""
+    if how == "auto":
+        how = "hwm" if HighWaterRSS.usable() else "thread"
+    return {"hwm": HighWaterRSS, "thread": PeakRSS, "none": NoMemory}[how]
 
 
 # ---------------------------------------------------------------- inputs
@@ -350,63 +531,320 @@ def image_cells(artifact: Any, batch_sizes: Sequence[int], folder: str | None, s
 @dataclasses.dataclass
 class Timing:
     latencies: list[float] = dataclasses.field(default_factory=list)
+    batches: list[int] = dataclasses.field(default_factory=list)  # the batch each call ran
     tokens: int = 0
     sequences: int = 0
     window_means: list[float] = dataclasses.field(default_factory=list)
+    settle: list[float] = dataclasses.field(default_factory=list)  # seconds until idle after each window
+    peak_bytes: int = 0
+    cuda_peak_bytes: int | None = None
+    error: str | None = None  # why the engine stopped in this cell (its process crashed, ...)
+
+
+@dataclasses.dataclass
+class Window:
+    """One timing window of one engine: per call its latency (s) and the batch it ran."""
+
+    latencies: list[float]
+    batches: list[int]
     peak_bytes: int = 0
     cuda_peak_bytes: int | None = None
 
 
-def time_cell(engines: list[Engine], cell: Cell, args: BenchArgs) -> dict[str, Timing]:
-    """Warm up every engine, then interleave timing windows until all are stable or time is up."""
-    prepared = {e.spec.name: [e.prepare(b) for b in cell.batches] for e in engines}
-    timings = {e.spec.name: Timing() for e in engines}
-    cursor = {e.spec.name: 0 for e in engines}
-    per_call = {}
-    for e in engines:
+class EngineFailed(FerryError):
+    """An engine failed while timing (an exception in its run, or its process died)."""
+
+
+class Local:
+    """Times one :class:`Engine` in the calling process. A worker process runs one of these;
+    :func:`time_cell` also drives them directly (``benchmarks/`` scripts, experiments)."""
+
+    def __init__(self, engine: Engine, memory: str = "auto"):
+        self.engine, self.spec = engine, engine.spec
+        self.meter = memory_meter(memory)
+        self.prepared: list[Any] = []
+        self.cursor = 0
+
+    def load_cell(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self.prepared = [self.engine.prepare(b) for b in batches]
+        self.cursor = 0
+
+    def warmup(self, calls: int) -> float:
+        """Runs ``calls`` untimed calls (at least one); returns the mean seconds per call."""
         t0 = time.perf_counter()
-        for i in range(max(1, args.warmup)):
-            e.run(prepared[e.spec.name][i % len(cell.batches)])
-        e.sync()
-        per_call[e.spec.name] = (time.perf_counter() - t0) / max(1, args.warmup)
+        for i in range(max(1, calls)):
+            self.engine.run(self.prepared[i % len(self.prepared)])
+        self.engine.sync()
+        return (time.perf_counter() - t0) / max(1, calls)
+
+    def window(self, calls: int) -> Window:
+        """``calls`` timed calls, cycling through the cell's batches."""
+        e = self.engine
+        torch_cuda = e.spec.kind == "pytorch" and e.spec.device == "cuda"
+        if torch_cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        latencies, used = [], []
+        with self.meter() as mem:
+            for _ in range(calls):
+                i = self.cursor % len(self.prepared)
+                self.cursor += 1
+                c0 = time.perf_counter()
+                e.run(self.prepared[i])
+                e.sync()
+                latencies.append(time.perf_counter() - c0)
+                used.append(i)
+        cuda_peak = int(torch.cuda.max_memory_allocated()) if torch_cuda else None
+        return Window(latencies, used, mem.peak, cuda_peak)
+
+    def settle(self) -> float:
+        """The fixed pause after a window (this process cannot tell its own pools' spinning apart)."""
+        time.sleep(SETTLE_S)
+        return SETTLE_S
+
+
+@dataclasses.dataclass
+class Job:
+    """What a worker process loads: ``loader`` ("module:function") is called with the spec
+    and ``kwargs`` inside the worker and returns the :class:`Engine`."""
+
+    spec: EngineSpec
+    loader: str
+    kwargs: dict[str, Any]
+    memory: str = "auto"
+
+
+def _quiet_worker() -> None:
+    """Warnings and library logs off in a worker (the parent reports what matters), without
+    importing another engine's library into the process."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("transformers", "onnxruntime", "openvino", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {(text.splitlines()[0] if text else '')[:300]}".rstrip(": ")
+
+
+def worker_main(conn: Any, job: Job) -> None:
+    """A worker process: load the engine once, then serve the parent's requests until "stop".
+
+    Replies ("ready", facts) or ("unavailable", reason, error class, whether a FerryError)
+    after loading; then
+    ("ok", result) per request, or ("error", reason) after which the worker exits.
+    """
+    _quiet_worker()
+    try:
+        module, func = job.loader.split(":")
+        engine = getattr(importlib.import_module(module), func)(job.spec, **job.kwargs)
+        local = Local(engine, job.memory)
+    except BaseException as e:  # reported to the parent: skipped with the reason, or (bad input) a one-line error
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else _one_line(e)
+        conn.send(("unavailable", reason, type(e).__name__, isinstance(e, FerryError)))
+        conn.close()
+        return
+    conn.send(("ready", {"pid": os.getpid()}))
+    try:
+        while True:
+            op, *params = conn.recv()
+            if op == "stop":
+                break
+            conn.send(("ok", getattr(local, op)(*params)))
+    except EOFError:  # the parent is gone
+        pass
+    except BaseException as e:  # the parent reports the engine as failed and goes on
+        try:
+            conn.send(("error", _one_line(e)))
+        except OSError:
+            pass
+    finally:
+        conn.close()
+
+
+def process_cpu_ns(pid: int) -> int | None:
+    """CPU time (ns) used so far by all threads of process ``pid`` (Linux schedstat), or None."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total
+
+
+def wait_idle(pid: int, cap: float = SETTLE_MAX_S, period: float = IDLE_PERIOD_S, share: float = IDLE_SHARE,
+              periods: int = IDLE_PERIODS) -> float:
+    """Waits until process ``pid`` uses under ``share`` of one core in each of ``periods``
+    consecutive periods of ``period`` seconds (its pools stopped spinning), at most ``cap``
+    seconds; returns the seconds waited. Without schedstat (not Linux), the fixed SETTLE_S pause."""
+    start = time.perf_counter()
+    last = process_cpu_ns(pid)
+    if last is None:
+        time.sleep(SETTLE_S)
+        return SETTLE_S
+    quiet = 0
+    while time.perf_counter() - start < cap:
+        time.sleep(period)
+        now = process_cpu_ns(pid)
+        if now is None:
+            break
+        quiet = quiet + 1 if now - last < share * period * 1e9 else 0
+        if quiet >= periods:
+            break
+        last = now
+    return time.perf_counter() - start
+
+
+class Worker:
+    """The parent's handle on one engine in its own process (multiprocessing, "spawn": a
+    fresh interpreter, nothing inherited from this process but the job)."""
+
+    def __init__(self, job: Job, context: Any = None):
+        import multiprocessing
+
+        ctx = context or multiprocessing.get_context("spawn")
+        self.spec = job.spec
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=worker_main, args=(child, job), name=f"ferry-bench {job.spec.name}", daemon=True)
+        self.process.start()
+        child.close()  # so that recv() sees EOF when the worker dies
+        self.error: str | None = None  # set once it failed; it gets no more requests
+        self.info: dict[str, Any] = {}
+
+    def _reply(self) -> Any:
+        try:
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            code = self.process.exitcode
+            why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise EngineFailed(f"its process died ({why})") from None
+        if reply[0] == "error":
+            raise EngineFailed(reply[1])
+        return reply
+
+    def ready(self) -> tuple[bool, str | None, str | None, bool]:
+        """Waits for the load: (loaded, the reason it did not, the error class, whether a FerryError)."""
+        try:
+            reply = self._reply()
+        except EngineFailed as e:
+            return False, str(e), None, False
+        if reply[0] == "unavailable":
+            return False, reply[1], reply[2], reply[3]
+        self.info = reply[1]
+        return True, None, None, False
+
+    def _ask(self, op: str, *params: Any) -> Any:
+        try:
+            self.conn.send((op, *params))
+        except (OSError, ValueError):
+            return self._reply()  # the pipe is broken: say how the process ended
+        return self._reply()[1]
+
+    def load_cell(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._ask("load_cell", batches)
+
+    def warmup(self, calls: int) -> float:
+        return float(self._ask("warmup", calls))
+
+    def window(self, calls: int) -> Window:
+        return self._ask("window", calls)
+
+    def settle(self) -> float:
+        """Waits until the worker's threads are idle; returns the seconds waited."""
+        return wait_idle(self.process.pid)
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self.conn.close()
+
+
+def start_workers(jobs: list[Job]) -> tuple[list[Worker], dict[str, tuple[str, str | None, bool]]]:
+    """One worker per job, all loading at once (loading is not timed); returns the ready
+    ones and, per engine that could not load, (reason, error class, whether a FerryError)."""
+    workers = [Worker(job) for job in jobs]
+    ready, unavailable = [], {}
+    for w in workers:
+        ok, reason, kind, ferry_error = w.ready()
+        if ok:
+            ready.append(w)
+        else:
+            unavailable[w.spec.name] = (reason or "could not load", kind, ferry_error)
+            w.stop()
+    return ready, unavailable
+
+
+def time_cell(engines: Sequence[Any], cell: Cell, args: BenchArgs) -> dict[str, Timing]:
+    """Warm up every engine, then interleave timing windows until all are stable or time is up.
+
+    ``engines`` are :class:`Worker` (each in its own process: what `ferry bench` runs),
+    :class:`Local` or plain :class:`Engine` (timed in this process). Only one engine runs
+    at a time. An engine that fails (its :class:`EngineFailed`) gets ``Timing.error`` and no
+    more windows; the others go on.
+    """
+    runners = [Local(e) if isinstance(e, Engine) else e for e in engines]
+    timings = {r.spec.name: Timing() for r in runners}
+    per_call: dict[str, float] = {}
+    live = []
+    for r in runners:
+        try:
+            r.load_cell(cell.batches)
+            per_call[r.spec.name] = r.warmup(args.warmup)
+            r.settle()
+            live.append(r)
+        except EngineFailed as e:
+            timings[r.spec.name].error = str(e)
     start = time.perf_counter()
 
     def stable(t: Timing) -> bool:
         return len(t.window_means) >= args.windows and spread(t.window_means[-args.windows :]) < args.spread
 
-    while True:
-        for e in engines:
-            name = e.spec.name
+    while live:
+        for r in list(live):
+            name = r.spec.name
             t = timings[name]
             if stable(t):
                 continue
-            # Let the previous engine's worker threads go idle (ORT and OpenMP pools spin
-            # after a run), so one engine's spinning never slows the next one's window.
-            time.sleep(SETTLE_S)
             calls = max(1, int(args.window_seconds / max(per_call[name], 1e-6)))
-            window = []
-            torch_cuda = e.spec.kind == "pytorch" and e.spec.device == "cuda"
-            if torch_cuda:
-                import torch
-
-                torch.cuda.reset_peak_memory_stats()
-            with PeakRSS() as mem:
-                for _ in range(calls):
-                    i = cursor[name] % len(cell.batches)
-                    cursor[name] += 1
-                    c0 = time.perf_counter()
-                    e.run(prepared[name][i])
-                    e.sync()
-                    window.append(time.perf_counter() - c0)
-                    t.tokens += cell.real_tokens[i]
-                    t.sequences += cell.batch_size
-            t.peak_bytes = max(t.peak_bytes, mem.peak)
-            if torch_cuda:
-                t.cuda_peak_bytes = max(t.cuda_peak_bytes or 0, int(torch.cuda.max_memory_allocated()))
-            t.latencies.extend(window)
-            t.window_means.append(sum(window) / len(window))
+            try:
+                w = r.window(calls)
+            except EngineFailed as e:
+                t.error = str(e)
+                live.remove(r)
+                continue
+            # Its worker threads go idle before the next engine starts (ORT and OpenMP
+            # pools spin after a run), so one engine's spinning never slows another's window.
+            t.settle.append(r.settle())
+            for i in w.batches:
+                t.tokens += cell.real_tokens[i]
+                t.sequences += cell.batch_size
+            t.peak_bytes = max(t.peak_bytes, w.peak_bytes)
+            if w.cuda_peak_bytes is not None:
+                t.cuda_peak_bytes = max(t.cuda_peak_bytes or 0, w.cuda_peak_bytes)
+            t.latencies.extend(w.latencies)
+            t.batches.extend(w.batches)
+            t.window_means.append(sum(w.latencies) / len(w.latencies))
             per_call[name] = t.window_means[-1]
-        if all(stable(t) for t in timings.values()):
+        if all(stable(timings[r.spec.name]) for r in live):
             break
         if time.perf_counter() - start > args.max_seconds:
             break
@@ -419,6 +857,8 @@ def summarize(spec: EngineSpec, cell: Cell, t: Timing, args: BenchArgs) -> dict[
     return {
         "engine": spec.name,
         "kind": spec.kind,
+        "runtime": spec.engine,
+        "mode": spec.mode,
         "device": spec.device,
         "precision": spec.precision,
         "variant": spec.variant,
@@ -438,27 +878,152 @@ def summarize(spec: EngineSpec, cell: Cell, t: Timing, args: BenchArgs) -> dict[
         "sequences_per_s": t.sequences / total,
         "tokens_per_s": t.tokens / total,
         "peak_rss_mb": t.peak_bytes / 2**20,
+        "settle_ms": 1e3 * percentile(t.settle, 50) if t.settle else None,
         "cuda_peak_mb": None if t.cuda_peak_bytes is None else t.cuda_peak_bytes / 2**20,
     }
 
 
+def _cell_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return r["device"], r["batch_size"], r["seq_length"]
+
+
 def add_speedups(results: list[dict[str, Any]]) -> None:
-    """Each engine's throughput over PyTorch eager fp32 on the same device, in the same cell."""
-    base = {
-        (r["device"], r["batch_size"], r["seq_length"]): r["sequences_per_s"]
-        for r in results
-        if r["kind"] == "pytorch" and r["precision"] == "fp32"
-    }
+    """Each engine's throughput over the fastest PyTorch path on the same device, in the same
+    cell (``speedup``, that path named in ``baseline``), and over PyTorch eager fp32
+    (``speedup_fp32``)."""
+    fastest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    fp32: dict[tuple[Any, ...], float] = {}
     for r in results:
-        b = base.get((r["device"], r["batch_size"], r["seq_length"]))
-        r["speedup"] = r["sequences_per_s"] / b if b else None
-        r["baseline"] = f"{BASELINE}-{r['device']}" if b else None
+        if r["kind"] != "pytorch":
+            continue
+        key = _cell_key(r)
+        if key not in fastest or r["sequences_per_s"] > fastest[key]["sequences_per_s"]:
+            fastest[key] = r
+        if r["precision"] == "fp32":
+            fp32[key] = r["sequences_per_s"]
+    for r in results:
+        base = fastest.get(_cell_key(r))
+        r["speedup"] = r["sequences_per_s"] / base["sequences_per_s"] if base else None
+        r["baseline"] = base["engine"] if base else None
+        b32 = fp32.get(_cell_key(r))
+        r["speedup_fp32"] = r["sequences_per_s"] / b32 if b32 else None
+
+
+def pick_headline(cells: Any) -> tuple[int, Any] | None:
+    """Of (batch size, seq length) pairs, the headline one: 32 x 128 when there, else the largest."""
+    cells = set(cells)
+    if not cells:
+        return None
+    if HEADLINE_CELL in cells:
+        return HEADLINE_CELL
+    return max(cells, key=lambda c: (c[0] * (c[1] if isinstance(c[1], int) else 1), c[0]))
+
+
+def headline_cell(results: list[dict[str, Any]], device: str) -> tuple[int, Any] | None:
+    """The cell the headline is read at: batch 32 x 128 when benchmarked, else the largest."""
+    return pick_headline((r["batch_size"], r["seq_length"]) for r in results if r["device"] == device)
+
+
+def headlines(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per device: at the headline cell, the fastest PyTorch path (the baseline) and the
+    fastest variant with its speedup over that baseline."""
+    out = {}
+    for device in dict.fromkeys(r["device"] for r in results):
+        cell = headline_cell(results, device)
+        rows = [r for r in results if r["device"] == device and (r["batch_size"], r["seq_length"]) == cell]
+        torch_rows = [r for r in rows if r["kind"] == "pytorch"]
+        variants = [r for r in rows if r["kind"] != "pytorch"]
+        base = max(torch_rows, key=lambda r: r["sequences_per_s"]) if torch_rows else None
+        best = max(variants, key=lambda r: r["sequences_per_s"]) if variants else None
+        out[device] = {
+            "batch_size": cell[0],
+            "seq_length": cell[1],
+            "baseline": base["engine"] if base else None,
+            "baseline_mode": base["mode"] if base else None,
+            "pytorch_paths": {r["engine"]: round(r["sequences_per_s"], 3) for r in torch_rows},
+            "best": best["engine"] if best else None,
+            "speedup": best["speedup"] if best and base else None,
+        }
+    return out
+
+
+def headline_text(device: str, h: dict[str, Any]) -> str:
+    cell = f"batch {h['batch_size']} x {h['seq_length']}"
+    if not h["baseline"]:
+        return f"{device}, {cell}: no PyTorch baseline (--no-pytorch)"
+    paths = ", ".join(f"{k} {v:.1f} seq/s" for k, v in h["pytorch_paths"].items())
+    best = f"{h['best']} {h['speedup']:.2f}x" if h["best"] else "no variant"
+    return f"{device}, {cell}: {best} over the fastest PyTorch path, {h['baseline']} ({h['baseline_mode']}; PyTorch paths: {paths})"
+
+
+# ---------------------------------------------------------------- the baseline check
+
+
+def compare_baseline(in_grid: Sequence[float], standalone: Sequence[float], tolerance: float = BASELINE_TOLERANCE,
+                     engine: str = BASELINE, cell: str = "") -> dict[str, Any]:
+    """The in-grid baseline's p50 latency against a standalone loop's, as a ratio.
+
+    Args:
+        in_grid, standalone: latencies (seconds) of the same engine on the same inputs,
+            in the grid and in a plain loop in a fresh process.
+        tolerance: "ok" when the ratio is within 1 +- tolerance, else "warn".
+
+    Returns:
+        engine, cell, both p50s (ms), ratio (in-grid / standalone: above 1, the grid's
+        baseline is slower and every speedup over it is inflated by that much), status, message.
+    """
+    grid_ms, alone_ms = 1e3 * percentile(in_grid, 50), 1e3 * percentile(standalone, 50)
+    ratio = grid_ms / alone_ms
+    ok = abs(ratio - 1) <= tolerance
+    where = f"{engine}{' at ' + cell if cell else ''}"
+    msg = f"{where}: in the grid p50 {grid_ms:.1f} ms, alone in a fresh process {alone_ms:.1f} ms, ratio {ratio:.2f}"
+    if ok:
+        msg += f" (within {tolerance:.0%}): the baseline is honest"
+    else:
+        direction = "slower" if ratio > 1 else "faster"
+        inflated = "inflated" if ratio > 1 else "deflated"
+        msg = (f"WARNING: the grid's PyTorch baseline is {abs(ratio - 1):.0%} {direction} than a plain loop, so every "
+               f"speedup in this report is {inflated} by about that much. " + msg + "; other programs on the machine "
+               "do this too (PyTorch's OpenMP threads stall whenever one of them loses its core): compare the load averages and run again")
+    return {
+        "engine": engine, "cell": cell, "in_grid_p50_ms": grid_ms, "standalone_p50_ms": alone_ms,
+        "in_grid_calls": len(in_grid), "standalone_calls": len(standalone), "ratio": ratio,
+        "tolerance": tolerance, "status": "ok" if ok else "warn", "message": msg,
+    }
+
+
+def standalone_twin(job: Job) -> Job:
+    """The same engine for the baseline check: its own fresh process (started with the others,
+    idle until its cell), a plain loop of calls with nothing measured around them."""
+    return dataclasses.replace(job, spec=dataclasses.replace(job.spec, name=job.spec.name + TWIN), memory="none")
+
+
+def baseline_checks(results: list[dict[str, Any]], timings: dict[tuple[str, str], Timing], cells: Sequence[tuple[int, Any]]) -> list[dict[str, Any]]:
+    """Per device and checked cell: the fastest PyTorch path's in-grid latencies against its
+    standalone twin's, measured in the same rounds (:func:`compare_baseline`)."""
+    checks = []
+    for (device, b, s) in dict.fromkeys(_cell_key(r) for r in results):
+        if (b, s) not in cells:
+            continue
+        rows = [r for r in results if _cell_key(r) == (device, b, s) and r["kind"] == "pytorch"]
+        if not rows:
+            continue
+        base = max(rows, key=lambda r: r["sequences_per_s"])
+        label = f"{b}x{s}"
+        twin = timings.get((base["engine"] + TWIN, label))
+        if twin is None or not twin.latencies:
+            why = twin.error if twin is not None and twin.error else "the standalone process did not run"
+            checks.append({"engine": base["engine"], "cell": label, "device": device, "status": "failed", "message": f"baseline check failed: {why}"})
+            continue
+        checks.append({**compare_baseline(timings[base["engine"], label].latencies, twin.latencies, engine=base["engine"], cell=label),
+                       "device": device})
+    return checks
 
 
 # ---------------------------------------------------------------- report
 
 
-TABLE_HEADERS = ["engine", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "seq/s", "tok/s", "peak MB", "speedup", "stable"]
+TABLE_HEADERS = ["engine", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "seq/s", "tok/s", "peak MB", "speedup", "over", "stable"]
 
 
 def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
@@ -469,9 +1034,16 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
         rows.append([
             r["engine"], str(r["batch_size"]), str(r["seq_length"]), f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}",
             f"{r['sequences_per_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{peak:.0f}",
-            "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x", "yes" if r["stable"] else "no",
+            "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x", r.get("baseline") or "-", "yes" if r["stable"] else "no",
         ])
     return rows
+
+
+def isa_text(isa: dict[str, Any] | None) -> str:
+    """"avx2 yes, avx512 no, ..." from ``runtime.hardware.Cpu.as_dict()``."""
+    if not isa:
+        return "unknown"
+    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in isa["features"].items())
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -483,14 +1055,22 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"- command: `{report['command']}`",
         f"- machine: {m['cpu']}, {m['physical_cores']} cores ({m['logical_cores']} logical), GPU: {m['gpu'] or 'none'}, "
-        f"load average at start {m['load_average']}",
-        f"- threads: {report['threads']} (PyTorch and ONNX Runtime alike); speedup = sequences/s over PyTorch eager fp32 on the same device, same cell, same run",
+        f"load average at start {m['load_average']}, at end {m.get('load_average_end')}",
+        f"- CPU ISA: {isa_text(m.get('cpu_isa'))} (flags: {', '.join((m.get('cpu_isa') or {}).get('flags') or []) or 'none of interest'})",
+        f"- threads: {report['threads']} (every engine alike); each engine in its own process, one at a time, windows interleaved in rounds",
+        "- speedup = sequences/s over the fastest PyTorch path on the same device and cell (column 'over'), same run",
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-        "",
-        markdown_table(TABLE_HEADERS, table_rows(report["results"])),
     ]
+    for device, h in (report.get("headline") or {}).items():
+        lines.append(f"- **headline**: {headline_text(device, h)}")
+    for check in report.get("baseline_check") or []:
+        text = check["message"]
+        lines.append(f"- baseline check: **{check['status']}**: " + (f"**{text}**" if check["status"] != "ok" else text))
+    lines += ["", markdown_table(TABLE_HEADERS, table_rows(report["results"]))]
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items())]
+    if report.get("failed"):
+        lines += ["", "**Failed**: " + "; ".join(f"{k} ({v})" for k, v in report["failed"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -583,6 +1163,86 @@ def _compare_paths(args: BenchArgs) -> list[str] | None:
     return paths
 
 
+def pytorch_source(artifact: Any, checkpoint: str | None) -> str:
+    """The PyTorch source of an artifact, checked before any worker starts (the worker loads it).
+
+    Raises:
+        CheckpointError: no source recorded, or it is gone or not a checkpoint.
+    """
+    ensemble_spec = None if checkpoint else artifact.manifest.get("ensemble")
+    if ensemble_spec:
+        return "ensemble of " + ", ".join(m["checkpoint"] for m in ensemble_spec["members"])
+    source = checkpoint or (artifact.manifest.get("source") or {}).get("checkpoint")
+    if not source or not Path(source).is_dir():
+        found = f"source checkpoint {source} of {artifact.path} not found" if source else f"{artifact.path}: the manifest names no source checkpoint"
+        raise CheckpointError(f"{found}; pass --checkpoint DIR or --no-pytorch (no speedups then)")
+    from finetune.checkpoint import check_valid_checkpoint_dir
+
+    check_valid_checkpoint_dir(source, "--checkpoint" if checkpoint else "source checkpoint")
+    return str(source)
+
+
+def torch_sees_cuda() -> bool:
+    """Whether PyTorch can use a GPU; without an NVIDIA driver, known without importing torch."""
+    from runtime.engines import gpu_present
+
+    if not gpu_present():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def jobs_for(specs: list[EngineSpec], artifact: Any, checkpoint: str | None, threads: int) -> list[Job]:
+    """What each worker loads: the source checkpoint for PyTorch, the variant's file otherwise."""
+    jobs = []
+    for spec in specs:
+        if spec.kind == "pytorch":
+            jobs.append(Job(spec, "export.bench:load_pytorch", {"artifact": str(artifact.path), "checkpoint": checkpoint, "threads": threads}))
+        else:
+            jobs.append(Job(spec, "export.bench:load_variant", {"path": str(artifact.variants[spec.variant].path), "threads": threads}))
+    return jobs
+
+
+def run_grid(
+    workers: list[Worker], cells: list[Cell], args: BenchArgs, twins: Sequence[Worker] = (), twin_cells: Sequence[tuple[int, Any]] = (),
+) -> tuple[list[dict[str, Any]], dict[str, str], dict[tuple[str, str], Timing]]:
+    """Every cell, CPU engines then CUDA engines, each group interleaved by :func:`time_cell`.
+
+    ``twins`` (:func:`standalone_twin` workers) join the rounds of their engine's device in
+    the cells of ``twin_cells`` only: the baseline check, measured under the same load as
+    the grid. Their timings are returned, not their results.
+    Returns the result rows, the engines that failed (name -> cell and reason; a failed
+    engine is not asked again) and the timings by (engine, cell label).
+    """
+    from tqdm.auto import tqdm
+
+    results: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    timings_by: dict[tuple[str, str], Timing] = {}
+    bar = tqdm(cells, desc="bench", unit="cell", file=sys.stderr, disable=args.quiet)
+    for cell in bar:
+        bar.set_postfix_str(cell.label)
+        for dev in ("cpu", "cuda"):
+            group = [w for w in workers if w.spec.device == dev and w.spec.name not in failed]
+            if not group:
+                continue
+            names = {w.spec.name for w in group}
+            checking = (cell.batch_size, cell.seq_length) in twin_cells
+            extra = [t for t in twins if checking and t.spec.name.removesuffix(TWIN) in names and t.spec.name not in failed]
+            timings = time_cell(group + extra, cell, args)
+            for w in group + extra:
+                t = timings[w.spec.name]
+                timings_by[w.spec.name, cell.label] = t
+                if t.latencies and w in group:
+                    results.append(summarize(w.spec, cell, t, args))
+                if t.error:
+                    failed[w.spec.name] = f"cell {cell.label}: {t.error}"
+                    print(f"warning: {w.spec.name} failed in cell {cell.label}: {t.error}; the other engines go on", file=sys.stderr)
+    bar.close()
+    return results, failed, timings_by
+
+
 def bench(args: BenchArgs) -> int:
     paths = _compare_paths(args)
     if paths:
@@ -607,47 +1267,40 @@ def bench(args: BenchArgs) -> int:
     threads = args.threads or default_threads()
     quiet_libraries()
 
-    import torch
+    source = pytorch_source(artifact, args.checkpoint) if args.pytorch else None
+    variants = {n: artifact.variants[n].spec for n in names}
+    specs, skipped = plan_engines(variants, args.device, args.pytorch, torch_sees_cuda(), cuda_usable())
+    cells = image_cells(artifact, args.batch_sizes, args.images, args.seed) if image else text_grid(artifact, args, None)
 
-    torch.set_num_threads(threads)
-    model = None
-    source = None
-    if args.pytorch:
-        from export.parity import load_artifact_source
+    # This process only coordinates: it never runs a model, so no thread pool of its own
+    # competes with the engine being timed.
+    jobs = jobs_for(specs, artifact, args.checkpoint, threads)
+    check_cells = [pick_headline((c.batch_size, c.seq_length) for c in cells)] if args.check_baseline else []
+    twin_jobs = [standalone_twin(j) for j in jobs if j.spec.kind == "pytorch"] if check_cells else []
+    workers, unavailable = start_workers(jobs + twin_jobs)
+    twins = [w for w in workers if w.spec.name.endswith(TWIN)]
+    workers = [w for w in workers if w not in twins]
+    try:
+        for name, (reason, kind, ferry_error) in unavailable.items():
+            if name.endswith(TWIN):
+                continue  # its engine failed to load the same way, reported under its own name
+            if kind == "EngineUnavailable":  # a missing engine, or one that cannot compile the variant here
+                skipped[name] = reason
+            elif ferry_error:  # bad input (a damaged model or checkpoint): one line, exit status 2
+                import ferry.errors
 
-        _, model, _, source = load_artifact_source(artifact, args.checkpoint, " or --no-pytorch (no speedups then)")
-    torch_cuda = torch.cuda.is_available()
-    ort_cuda = cuda_usable()
-    variants = {n: artifact.variants[n].info.get("precision", "fp32") for n in names}
-    specs, skipped = plan_engines(variants, args.device, args.pytorch, torch_cuda, ort_cuda)
-
-    if image:
-        cells = image_cells(artifact, args.batch_sizes, args.images, args.seed)
-    else:
-        cells = text_grid(artifact, args, model)
-
-    engines = []
-    for spec in specs:
-        if spec.kind == "pytorch":
-            engines.append(pytorch_engine(spec, model))
-        else:
-            engines.append(onnx_engine(spec, artifact.variants[spec.variant].path, threads))
-
-    machine = machine_info()
-    results: list[dict[str, Any]] = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(cells, desc="bench", unit="cell", file=sys.stderr, disable=args.quiet)
-    for cell in bar:
-        bar.set_postfix_str(cell.label)
-        for dev in ("cpu", "cuda"):
-            group = [e for e in engines if e.spec.device == dev]
-            if not group:
-                continue
-            timings = time_cell(group, cell, args)
-            results += [summarize(e.spec, cell, timings[e.spec.name], args) for e in group]
-    bar.close()
+                raise getattr(ferry.errors, kind, FerryError)(reason)
+            else:
+                skipped[name] = f"could not load: {reason}"
+        machine = machine_info()
+        results, failed, timings = run_grid(workers, cells, args, twins, check_cells)
+    finally:
+        for w in workers + twins:
+            w.stop()
     add_speedups(results)
+    heads = headlines(results)
+    checks = baseline_checks(results, timings, check_cells)
+    failed = {k: v for k, v in failed.items() if not k.endswith(TWIN)}  # a twin's failure is its check's message
 
     command = "ferry bench " + " ".join(sys.argv[2:]) if sys.argv and sys.argv[0].endswith("ferry") else f"ferry bench {args.artifact}"
     report = {
@@ -658,8 +1311,12 @@ def bench(args: BenchArgs) -> int:
         "command": command,
         "machine": {**machine, "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "threads": threads,
+        "isolation": "one process per engine (spawn), one engine timed at a time, windows interleaved in rounds",
         "engines": [dataclasses.asdict(s) for s in specs],
         "skipped": skipped,
+        "failed": failed,
+        "headline": heads,
+        "baseline_check": checks,
         "settings": to_dict(args),
         "results": results,
         "versions": library_versions(*VERSIONS),
@@ -671,7 +1328,17 @@ def bench(args: BenchArgs) -> int:
         (staging / TABLE).write_text(markdown_report(report), encoding="utf-8")
         plot(results, staging / LATENCY_PNG, staging / THROUGHPUT_PNG)
     print(text_table(TABLE_HEADERS, table_rows(results)))
+    print(f"CPU: {machine['cpu']}; {isa_text(machine.get('cpu_isa'))}")
+    for device, h in heads.items():
+        print(f"headline: {headline_text(device, h)}")
     if skipped:
         print("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    if failed:
+        print("FAILED: " + "; ".join(f"{k} ({v})" for k, v in failed.items()), file=sys.stderr)
+    for check in checks:
+        if check["status"] == "ok":
+            print(f"baseline check ok: {check['message']}")
+        else:
+            print(f"\n*** baseline check {check['status']}: {check['message']} ***\n", file=sys.stderr)
     print(f"wrote {output}/{{{REPORT},{TABLE},{LATENCY_PNG},{THROUGHPUT_PNG}}} in {report['duration_s']:.0f}s (threads {threads}, load average {machine['load_average']})")
     return 0
