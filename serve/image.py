@@ -10,12 +10,14 @@ and answers ``{"results": [{"label", "score", "scores"?}, ...]}`` in request ord
 
 Validation, each a one-line JSON error, never a 500:
 
-- 400: empty request, bad JSON, a bad key or type, bad base64;
+- 400: empty request, bad JSON (a number of more than 4300 digits included), a bad key or
+  type, bad base64 (whitespace inside base64 is allowed: ``base64 FILE`` wraps at 76 columns);
 - 413: more than ``max_images`` images, an image over ``max_image_bytes`` bytes or over
   ``max_image_pixels`` pixels (a decompression bomb), a body over the limit;
 - 415: a content type other than multipart/form-data or application/json;
-- 422: bytes that are not a decodable image (unknown format, truncated, corrupt): the
-  request is well formed, its content cannot be processed.
+- 422: bytes that are not a decodable image in an accepted format (PNG, JPEG, BMP, GIF,
+  WebP, TIFF, PPM/PGM: ``runtime.pixels.FORMATS``; EPS and the rest are never opened), truncated
+  or corrupt: the request is well formed, its content cannot be processed.
 
 Images are opened and preprocessed by ``runtime.pixels.open_image`` and ``preprocess``
 (the implementation training and export parity use); no PyTorch on this path.
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import threading
 from http import HTTPStatus
@@ -41,6 +42,19 @@ from runtime.predictor import VariantSession, softmax
 
 TASK = "image-classification"
 KEYS = ("images", "return_all_scores")
+# Whitespace is allowed anywhere in base64 (RFC 2045 line breaks, `base64 FILE`'s 76 columns).
+B64_WHITESPACE = str.maketrans("", "", " \t\r\n\f\v")
+
+
+def json_problem(e: ValueError) -> str:
+    """What is wrong with a body ``json.loads`` refused, in a few words without a traceback."""
+    if isinstance(e, json.JSONDecodeError):
+        return str(e)
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8: byte {e.start}"
+    if "digits" in str(e):  # Python refuses integers of more than 4300 digits (sys.int_info)
+        return "a number has more than 4300 digits"
+    return type(e).__name__
 
 
 class ImageRequestError(Exception):
@@ -63,8 +77,10 @@ def parse_json(body: bytes, max_images: int, max_image_bytes: int) -> tuple[list
     """The image bytes and return_all_scores of a JSON body."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise ImageRequestError(HTTPStatus.BAD_REQUEST, 'body is not valid JSON; send {"images": ["<base64>", ...]}') from None
+    except RecursionError:
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, "body is nested too deeply to be a request") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and a number of more than 4300 digits
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f'body is not valid JSON ({json_problem(e)}); send {{"images": ["<base64>", ...]}}') from None
     if not isinstance(data, dict):
         raise ImageRequestError(HTTPStatus.BAD_REQUEST, 'body must be a JSON object like {"images": ["<base64>", ...]}')
     unknown = [k for k in data if k not in KEYS]
@@ -78,12 +94,13 @@ def parse_json(body: bytes, max_images: int, max_image_bytes: int) -> tuple[list
     for i, item in enumerate(images):
         if not isinstance(item, str):
             raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"images[{i}] must be a base64 string, got {type(item).__name__}")
-        if len(item) > (max_image_bytes + 2) // 3 * 4 + 4:
-            raise ImageRequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"images[{i}] is over the limit of {max_image_bytes} bytes")
         if item.startswith("data:") and "," in item:  # a data URL: keep its payload
             item = item.split(",", 1)[1]
+        item = item.translate(B64_WHITESPACE)  # `base64 FILE` wraps its output at 76 columns
+        if len(item) > (max_image_bytes + 2) // 3 * 4:
+            raise ImageRequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"images[{i}] is over the limit of {max_image_bytes} bytes")
         try:
-            raw = base64.b64decode(item, validate=True)
+            raw = base64.b64decode(item, validate=True)  # anything but the alphabet and padding is refused
         except (binascii.Error, ValueError):
             raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"images[{i}] is not valid base64") from None
         out.append(check_bytes(raw, f"images[{i}]", max_image_bytes))
@@ -132,20 +149,14 @@ def check_bytes(raw: bytes, where: str, max_image_bytes: int) -> bytes:
 
 
 def decode(raw: bytes, where: str, processor: dict[str, Any], max_pixels: int) -> np.ndarray:
-    """One image's pixels ``[3, H, W]``; 413 past ``max_pixels``, 422 for bytes that are not an image."""
-    from PIL import Image
+    """One image's pixels ``[3, H, W]``; 413 past ``max_pixels`` (a decompression bomb, refused from
+    the header before decoding), 422 for bytes that are not an image in an accepted format."""
+    from runtime.pixels import TooManyPixels, open_image, preprocess
 
-    from runtime.pixels import open_image, preprocess
-
-    try:  # the header alone gives the size: refuse a decompression bomb before decoding it
-        with Image.open(io.BytesIO(raw)) as probe:
-            w, h = probe.size
-    except Exception:  # PIL raises many types for bytes it cannot identify; open_image names it
-        w = h = 0
-    if w * h > max_pixels:
-        raise ImageRequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
     try:
         img = open_image(raw, where, max_pixels)
+    except TooManyPixels as e:
+        raise ImageRequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(e)) from None
     except DataError as e:
         raise ImageRequestError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
     return preprocess([img], processor)[0]
