@@ -119,7 +119,24 @@ def load_processor(path: str | Path) -> dict[str, Any]:
     missing = f"{p}: no such file; an image checkpoint needs its {PROCESSOR_FILE}"
     if not p.is_file():  # a directory of that name too
         raise DataError(missing)
-    proc = read_json_object(p, missing, error=DataError)
+    return check_processor(read_json_object(p, missing, error=DataError), p)
+
+
+def processor_from_bytes(data: bytes, where: str | Path) -> dict[str, Any]:
+    """The checked preprocessor config whose file content is ``data`` (bytes already read and verified)."""
+    import json
+
+    try:
+        proc = json.loads(data)
+    except ValueError as e:
+        raise DataError(f"{where}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(proc, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    return check_processor(proc, where)
+
+
+def check_processor(proc: dict[str, Any], p: str | Path) -> dict[str, Any]:
+    """``proc`` (a parsed preprocessor_config.json at ``p``) checked for what :func:`preprocess` needs."""
     problems = []
     size = proc.get("size")
     if proc.get("do_resize", True) and not (
