@@ -85,7 +85,7 @@ class Front:
             response = JSONResponse({"error": f"no route {shown!r}; {self.public}", "status": 404}, status_code=404)
             return await response(scope, receive, send)
         methods = self._table[path]
-        if methods is not None and scope.get("method", "GET") not in methods:
+        if methods is not None and scope.get("method", "GET") not in methods | {"OPTIONS"}:  # OPTIONS: CORS preflight, when enabled
             allow = ", ".join(sorted(methods - {"HEAD"}) or sorted(methods))
             self._count()
             response = JSONResponse({"error": f"{path} takes {allow}, not {scope.get('method')}", "status": 405},
