@@ -72,6 +72,12 @@ class ServeArgs:
     max_image_bytes: int = opt(10_000_000, "image artifacts: most encoded bytes of one image (more: 413)", check=positive)
     max_image_pixels: int = opt(40_000_000, "image artifacts: most pixels (width x height) of one image (more: 413)", check=positive)
     timeout: int = opt(120, "seconds before a request is abandoned", check=positive)
+    max_concurrency: int = opt(
+        256,
+        "most requests in flight per worker; more are answered 429 at once (the admission gate already refuses "
+        "with 503 what would wait past max_latency_ms; past this, a request only holds memory and a connection)",
+        check=positive,
+    )
     batch_invariance: str = opt(
         "enforce",
         "enforce: a variant whose answers depend on its batch (dynamic int8) runs one text per call, so every answer "
@@ -227,6 +233,7 @@ def serve(args: ServeArgs) -> int:
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         timeout_s=args.timeout,
+        max_concurrency=args.max_concurrency,
         batch_invariance=args.batch_invariance,
     )
     batch, latency = settings.batching(runtime.device)
@@ -269,7 +276,8 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 def run_server(settings: ServeSettings, host: str, port: int) -> int:
-    """Run the server until it exits, or until Ctrl-C / SIGTERM, which stop it gracefully."""
+    """Run the server until Ctrl-C / SIGTERM, which stop it gracefully (status 0); a server that
+    exits by itself is an error, whatever its status."""
     # Installed explicitly: a process started in the background inherits SIGINT ignored.
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     # Its own process group, so a hard stop can take the workers down with the arbiter.
@@ -283,9 +291,8 @@ def run_server(settings: ServeSettings, host: str, port: int) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if rc != 0:
-        raise FerryError(f"the BentoML server exited with status {rc}; its log above says why")
-    return 0
+    # Not asked to stop, so it stopped itself (a worker that could not load or warm up its model).
+    raise FerryError(f"the BentoML server stopped by itself (status {rc}); its log above says why")
 
 
 def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:

@@ -25,6 +25,7 @@ Images are opened and preprocessed by ``runtime.pixels.open_image`` and ``prepro
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -38,31 +39,18 @@ import numpy as np
 from runtime.artifact import Artifact, check_valid_artifact_dir
 from runtime.engines import available_providers
 from ferry.errors import ArtifactError, DataError
+from serve.body import WHOLE_BYTES, RequestError, Scalar, Strings, json_problem, parse_object
 from runtime.predictor import VariantSession, softmax
 
 TASK = "image-classification"
 KEYS = ("images", "return_all_scores")
+EXAMPLE = '{"images": ["<base64>", ...]}'
 # Whitespace is allowed anywhere in base64 (RFC 2045 line breaks, `base64 FILE`'s 76 columns).
 B64_WHITESPACE = str.maketrans("", "", " \t\r\n\f\v")
 
 
-def json_problem(e: ValueError) -> str:
-    """What is wrong with a body ``json.loads`` refused, in a few words without a traceback."""
-    if isinstance(e, json.JSONDecodeError):
-        return str(e)
-    if isinstance(e, UnicodeDecodeError):
-        return f"not UTF-8: byte {e.start}"
-    if "digits" in str(e):  # Python refuses integers of more than 4300 digits (sys.int_info)
-        return "a number has more than 4300 digits"
-    return type(e).__name__
-
-
-class ImageRequestError(Exception):
-    """A request the server refuses, with its HTTP status."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
+ImageRequestError = RequestError  # a request the server refuses, with its HTTP status
+MULTIPART_CHUNK = 1 << 20
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -74,18 +62,38 @@ def _bool(value: Any, where: str) -> bool:
 
 
 def parse_json(body: bytes, max_images: int, max_image_bytes: int) -> tuple[list[bytes], bool]:
-    """The image bytes and return_all_scores of a JSON body."""
+    """The image bytes and return_all_scores of a small JSON body, parsed whole."""
     try:
         data = json.loads(body)
     except RecursionError:
         raise ImageRequestError(HTTPStatus.BAD_REQUEST, "body is nested too deeply to be a request") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and a number of more than 4300 digits
-        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f'body is not valid JSON ({json_problem(e)}); send {{"images": ["<base64>", ...]}}') from None
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({json_problem(e)}); send {EXAMPLE}") from None
+    return images_from(data, max_images, max_image_bytes)
+
+
+async def parse_json_body(body: bytes, max_images: int, max_image_bytes: int) -> tuple[list[bytes], bool]:
+    """A JSON body: parsed whole when small, else as it is checked (serve/body.py)."""
+    if len(body) <= WHOLE_BYTES:
+        return parse_json(body, max_images, max_image_bytes)
+    b64 = (max_image_bytes + 2) // 3 * 4
+    schema = {
+        # room for line breaks and escapes in the JSON string; the exact 413 comes after whitespace is dropped
+        "images": Strings(max_images, 2 * b64 + 1024,
+                          lambda key: f"over {max_images} images, more than the limit of {max_images} per request; split it",
+                          lambda key, i: f"images[{i}] is over the limit of {max_image_bytes} bytes"),
+        "return_all_scores": Scalar(),
+    }
+    return images_from(await parse_object(body, schema, EXAMPLE), max_images, max_image_bytes)
+
+
+def images_from(data: Any, max_images: int, max_image_bytes: int) -> tuple[list[bytes], bool]:
+    """The image bytes and return_all_scores of a parsed JSON body."""
     if not isinstance(data, dict):
         raise ImageRequestError(HTTPStatus.BAD_REQUEST, 'body must be a JSON object like {"images": ["<base64>", ...]}')
     unknown = [k for k in data if k not in KEYS]
     if unknown:
-        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"unknown key '{unknown[0]}'; keys are: {', '.join(KEYS)}")
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"unknown key {unknown[0][:100]!r}; keys are: {', '.join(KEYS)}")
     images = data.get("images")
     if not isinstance(images, list):
         raise ImageRequestError(HTTPStatus.BAD_REQUEST, "'images' must be a list of base64 strings")
@@ -113,15 +121,20 @@ async def parse_multipart(headers: Any, body: bytes, max_images: int, max_image_
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def stream():
-        yield body
+        # in slices, letting the event loop serve others between them: the parser is pure Python
+        for start in range(0, len(body), MULTIPART_CHUNK):
+            yield body[start : start + MULTIPART_CHUNK]
+            await asyncio.sleep(0)
 
     try:
         form = await MultiPartParser(headers, stream(), max_files=max_images + 1, max_fields=16).parse()
     except MultiPartException as e:
         raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"bad multipart body ({e.message})") from None
+    except (ValueError, TypeError, LookupError, AssertionError) as e:  # python-multipart on a hostile boundary or header
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"bad multipart body ({type(e).__name__}: {str(e)[:100]})") from None
     unknown = [k for k in form.keys() if k not in KEYS]
     if unknown:
-        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"unknown field '{unknown[0]}'; fields are: {', '.join(KEYS)}")
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0][:100]!r}; fields are: {', '.join(KEYS)}")
     files = form.getlist("images")
     check_count(len(files), max_images)
     out = []
@@ -173,15 +186,17 @@ class ImageRuntime(VariantSession):
         self, artifact: str | Path | Artifact, variant: str | None = None, device: str = "auto", threads: int | None = None,
         optimization: str = "all", max_group: int | None = None, enforce_invariance: bool = True,
     ):
-        from runtime.pixels import load_processor
+        from runtime.pixels import PROCESSOR_FILE, processor_from_bytes
 
         self.artifact = artifact if isinstance(artifact, Artifact) else check_valid_artifact_dir(artifact)
         if self.artifact.task != TASK:
             raise ArtifactError(f"{self.artifact.path}: a {self.artifact.task} artifact, not an image-classification one")
         self.threads, self.optimization, self.max_group = threads, optimization, max_group
         self.labels = self.artifact.labels
-        try:
-            self.processor = load_processor(self.artifact.path)
+        if not (self.artifact.path / PROCESSOR_FILE).is_file():
+            raise ArtifactError(f"{self.artifact.path / PROCESSOR_FILE}: no such file; an image artifact needs its {PROCESSOR_FILE}")
+        try:  # from the bytes checked against the manifest's files map
+            self.processor = processor_from_bytes(self.artifact.read_verified(PROCESSOR_FILE), self.artifact.path / PROCESSOR_FILE)
         except DataError as e:
             raise ArtifactError(str(e)) from None
         self._open_variant(variant, device, available_providers(), None)
