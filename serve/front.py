@@ -17,10 +17,17 @@ sees the request:
 - 405 (JSON, with ``Allow``) for a known path asked with a method it does not take.
 
 Those answers are counted in one unlabelled counter, ``ferry_unrouted_requests_total``.
+
+:func:`cancel_timeout_timers` fixes a second cost of BentoML's HTTP layer: its
+``TimeoutMiddleware`` schedules a timer per request (``loop.call_later(timeout, ...)``) and never
+cancels it, so each request's timer, with the context it captured, stays in memory for the
+whole timeout (120 s by default) after the answer: about 5 KB a request, 600 MB at 1,000
+requests/s. The patched middleware cancels the timer once the request is done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any, Iterable
 
@@ -110,3 +117,39 @@ def install(service: Any, public: str) -> None:
 
     to_asgi.__ferry_front__ = True  # type: ignore[attr-defined]
     cls.to_asgi = to_asgi
+
+
+def cancel_timeout_timers() -> None:
+    """BentoML 1.4's ``TimeoutMiddleware.__call__``, the same but for a timer cancelled once the request is done."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    if getattr(TimeoutMiddleware.__call__, "__ferry_patched__", False):
+        return
+
+    async def call(self: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+        async def _send(message: Any) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+        try:
+            try:
+                await waiter
+            except asyncio.TimeoutError:
+                if fut.cancel():
+                    response = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"}, status_code=504)
+                    await response(scope, receive, send)
+            else:
+                await fut
+        finally:
+            timer.cancel()
+
+    call.__ferry_patched__ = True  # type: ignore[attr-defined]
+    TimeoutMiddleware.__call__ = call

@@ -479,3 +479,4 @@ def stop_server(reason: str) -> NoReturn:
 
 _readiness = SharedReadiness(SETTINGS.workers)
 front.install(Ferry, PUBLIC)
+front.cancel_timeout_timers()
