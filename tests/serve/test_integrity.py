@@ -189,3 +189,21 @@ def test_store_refuses_symlinks(served_artifact, tmp_path, bentoml_home, capsys,
     after = set((bentoml_home / "models").rglob("*")) if (bentoml_home / "models").exists() else set()
     assert not any(p.name == "key.txt" for p in after - before)
     assert not (bentoml_home / "models" / f"linked-{kind}").exists() or not any((bentoml_home / "models" / f"linked-{kind}").iterdir())
+
+
+def test_seal_writes_what_the_reader_checks(served_artifact, tmp_path):
+    """runtime.artifact.seal is what `ferry export` is to call on its staging directory before writing ferry.json."""
+    from runtime.artifact import seal
+
+    art = tmp_path / "s"
+    shutil.copytree(served_artifact, art)
+    m = json.loads((art / "ferry.json").read_text())
+    sealed_m = seal(art, m)
+    assert sealed_m["files"] == {p.relative_to(art).as_posix(): sha256(p) for p in sorted(art.rglob("*")) if p.is_file() and p.name != "ferry.json"}
+    assert sealed_m["content_sha256"] == canonical_sha256(sealed_m)
+    (art / "ferry.json").write_text(json.dumps(sealed_m, indent=2))
+    artifact = check_valid_artifact_dir(art)
+    assert artifact.verify_files() == sorted(sealed_m["files"]) and artifact.integrity_notes() == []
+    (art / "link").symlink_to(art / "config.json")
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        seal(art, m)
