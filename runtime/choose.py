@@ -22,6 +22,7 @@ No PyTorch here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from typing import Any, Callable, Sequence
@@ -29,7 +30,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ferry.errors import ArtifactError
-from ferry.files import sha256_file
 from runtime.artifact import FAIL, PASS, UNVERIFIED, Artifact
 
 BUDGET_S = 15.0
@@ -61,11 +61,12 @@ def load_reference(artifact: Artifact) -> Reference | None:
     path = artifact.path / str(entry.get("file"))
     if not path.is_file():
         raise ArtifactError(f"{path}: the reference file named in ferry.json is missing; re-export the checkpoint")
-    if sha256_file(path) != entry.get("sha256"):
+    data = artifact.read_verified(str(entry.get("file")))  # read once: what is checked is what is parsed
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise ArtifactError(f"{path}: sha256 does not match the manifest; the file was modified, re-export the checkpoint")
     ids, logits = [], []
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in data.decode("utf-8").splitlines():
             row = json.loads(line)
             ids.append([int(i) for i in row["input_ids"]])
             logits.append([float(x) for x in row["logits"]])

@@ -97,11 +97,16 @@ def create_session(
     threads: int | None = None,
     optimization: str = "all",
     available: Sequence[str] | None = None,
+    model_bytes: bytes | None = None,
 ) -> Any:
     """An InferenceSession on the best provider for ``device``.
 
     The provider actually used is ``session.get_providers()[0]``: ONNX Runtime falls back
     to CPU when CUDA is listed but no GPU is usable, and callers report what they got.
+
+    Args:
+        model_bytes: the model itself, already read (and checked) by the caller; ``path`` then
+            only names it in errors.
 
     Raises:
         ArtifactError: the file is missing or not a loadable ONNX model.
@@ -109,11 +114,12 @@ def create_session(
     import onnxruntime as ort
 
     path = Path(path)
-    if not path.is_file():
+    if model_bytes is None and not path.is_file():
         raise ArtifactError(f"{path}: ONNX file not found")
     providers = choose_providers(device, available)
     try:
-        return ort.InferenceSession(str(path), session_options(threads, optimization), providers=providers)
+        model = str(path) if model_bytes is None else model_bytes
+        return ort.InferenceSession(model, session_options(threads, optimization), providers=providers)
     except Exception as e:  # ORT raises its own exception types for a damaged or invalid model
         raise ArtifactError(f"{path}: not a loadable ONNX model ({_first_line(e)})") from None
 
@@ -130,6 +136,8 @@ def _first_line(e: BaseException) -> str:
 class Engine:
     """One opened variant: ``run(feed)`` returns the first output (the logits) as float32.
 
+    ``loaded_from_bytes``: built from bytes its caller had read and checked, not from the file.
+
     Attributes:
         engine: "onnxruntime" or "openvino".
         provider: what actually runs it (an ONNX Runtime provider, or "OpenVINO CPU").
@@ -142,6 +150,7 @@ class Engine:
     precision: str
     input_names: list[str]
     output_names: list[str]
+    loaded_from_bytes: bool = False
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -240,6 +249,7 @@ def open_engine(
     available: Sequence[str] | None = None,
     session_factory: Callable[..., Any] | None = None,
     tensorrt: bool = False,
+    model_bytes: bytes | None = None,
 ) -> Engine:
     """Open ``path`` with ``engine`` at ``precision`` on ``device``.
 
@@ -248,6 +258,9 @@ def open_engine(
             :func:`create_session`.
         tensorrt: on CUDA, put ONNX Runtime's TensorRT provider first (fp16 enabled when
             ``precision`` is fp16), where this ONNX Runtime has it.
+        model_bytes: the file's content, read and checked by the caller: ONNX Runtime's own
+            session is built from it (the engine's ``loaded_from_bytes`` is then True);
+            the other engines open ``path``.
 
     Raises:
         EngineUnavailable: the engine's package is missing, or it cannot compile the file here.
@@ -266,11 +279,17 @@ def open_engine(
             return OpenVinoEngine(Path(path), precision, threads)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses when a graph cannot compile here
             raise EngineUnavailable(f"{path}: OpenVINO cannot compile it on this CPU ({_first_line(e)})") from None
+    from_bytes = False
     if tensorrt and device == "cuda":
         session = create_tensorrt_session(path, precision, threads, available)
+    elif session_factory is None and model_bytes is not None:
+        session = create_session(path, device=device, threads=threads, optimization=optimization, available=available, model_bytes=model_bytes)
+        from_bytes = True
     else:
         session = (session_factory or create_session)(path, device=device, threads=threads, optimization=optimization, available=available)
-    return OrtEngine(session, precision)
+    engine = OrtEngine(session, precision)
+    engine.loaded_from_bytes = from_bytes
+    return engine
 
 
 def tensorrt_providers(precision: str, available: Sequence[str] | None = None) -> list[Any]:

@@ -21,34 +21,56 @@ MAX_PIXELS = 50_000_000
 BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as transformers writes ``resample``
 
 
+# The formats a served or trained image may be in: PIL opens nothing else, so a PostScript/EPS
+# upload never reaches Ghostscript and no rarely used decoder sees untrusted bytes. PIL's "PPM"
+# reader is the Netpbm one (PBM, PGM, PPM).
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+ACCEPTED = "PNG, JPEG, BMP, GIF, WebP, TIFF, PPM/PGM"
+
+
+class TooManyPixels(DataError):
+    """An image with more pixels than allowed (a decompression bomb); a server answers 413."""
+
+
 def open_image(source: str | Path | bytes, where: str, max_pixels: int = MAX_PIXELS) -> Any:
     """Open and fully decode one image, converted to 8-bit RGB.
 
-    Conversion, one documented way: grayscale and palette are expanded to RGB; an alpha channel
-    (RGBA, LA, or a palette with transparency) is composited onto white; CMYK and YCbCr go through
-    PIL's RGB conversion; 16-bit and 32-bit integer images are scaled to 8 bits (value / 257,
-    clipped); float images are clipped to 0..255.
+    Only the :data:`FORMATS` are opened. Conversion, one documented way: grayscale and palette
+    are expanded to RGB; an alpha channel (RGBA, LA, or a palette with transparency) is
+    composited onto white; CMYK and YCbCr go through PIL's RGB conversion; 16-bit and 32-bit
+    integer images are scaled to 8 bits (value / 257, clipped); float images are clipped to 0..255.
 
     Raises:
-        DataError: naming ``where`` for a file that is not an image, a truncated one, or one with
-            more than ``max_pixels`` pixels (a decompression bomb).
+        TooManyPixels: more than ``max_pixels`` pixels, or more than PIL itself opens
+            (``DecompressionBombError``, which is not an OSError), named by ``where``.
+        DataError: naming ``where`` for bytes that are not an image in an accepted format, or a
+            truncated or damaged one.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, formats=list(FORMATS))
     except UnidentifiedImageError:
-        raise DataError(f"{where}: not an image (PIL cannot identify the format)") from None
+        raise DataError(f"{where}: not an image in an accepted format ({ACCEPTED})") from None
+    except Image.DecompressionBombError as e:
+        raise TooManyPixels(f"{where}: too many pixels, refused as a decompression bomb ({e})") from None
     except (OSError, ValueError) as e:
-        raise DataError(f"{where}: cannot open the image ({e})") from None
+        raise DataError(f"{where}: cannot open the image ({_first_line(e)})") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise DataError(f"{where}: {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+        raise TooManyPixels(f"{where}: {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
     try:
         img.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: cannot decode the image ({e}); the file may be truncated or damaged") from None
-    return to_rgb(img)
+        return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise TooManyPixels(f"{where}: too many pixels, refused as a decompression bomb ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a decoder fed damaged bytes raises many types (EOFError, struct.error, ...)
+        raise DataError(f"{where}: cannot decode the image ({_first_line(e)}); the file may be truncated or damaged") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def to_rgb(img: Any) -> Any:
@@ -97,7 +119,24 @@ def load_processor(path: str | Path) -> dict[str, Any]:
     missing = f"{p}: no such file; an image checkpoint needs its {PROCESSOR_FILE}"
     if not p.is_file():  # a directory of that name too
         raise DataError(missing)
-    proc = read_json_object(p, missing, error=DataError)
+    return check_processor(read_json_object(p, missing, error=DataError), p)
+
+
+def processor_from_bytes(data: bytes, where: str | Path) -> dict[str, Any]:
+    """The checked preprocessor config whose file content is ``data`` (bytes already read and verified)."""
+    import json
+
+    try:
+        proc = json.loads(data)
+    except ValueError as e:
+        raise DataError(f"{where}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(proc, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    return check_processor(proc, where)
+
+
+def check_processor(proc: dict[str, Any], p: str | Path) -> dict[str, Any]:
+    """``proc`` (a parsed preprocessor_config.json at ``p``) checked for what :func:`preprocess` needs."""
     problems = []
     size = proc.get("size")
     if proc.get("do_resize", True) and not (

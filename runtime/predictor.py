@@ -100,7 +100,8 @@ def length_groups(lengths: Sequence[int], max_group: int | None = None, slack: f
 
 
 def load_tokenizer(artifact: Artifact, max_length: int) -> Any:
-    """The artifact's tokenizer.json, truncating to ``max_length``, never padding."""
+    """The artifact's tokenizer.json, truncating to ``max_length``, never padding; built from the
+    bytes checked against the manifest's files map (when it has one)."""
     from tokenizers import Tokenizer
 
     path = artifact.path / TOKENIZER_FILE
@@ -109,10 +110,11 @@ def load_tokenizer(artifact: Artifact, max_length: int) -> Any:
             f"{artifact.path}: no {TOKENIZER_FILE}; the serving runtime needs a fast tokenizer, re-export from a "
             "checkpoint saved with a fast tokenizer"
         )
+    data = artifact.read_verified(TOKENIZER_FILE)
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # the tokenizers library raises a plain Exception for a damaged file
-        raise ArtifactError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
+        raise ArtifactError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
     tok.no_padding()
     tok.enable_truncation(max_length)
     check_vocabulary(artifact, tok)
@@ -123,10 +125,11 @@ def check_vocabulary(artifact: Artifact, tok: Any) -> None:
     """Refuse a tokenizer that emits ids past the model's embedding table (every text using them would fail)."""
     import json
 
-    config_path = artifact.path / "config.json"
+    if not (artifact.path / "config.json").is_file():
+        return  # no config.json: nothing to compare with
     try:
-        vocab_size = int(json.loads(config_path.read_text(encoding="utf-8")).get("vocab_size") or 0)
-    except (OSError, ValueError, TypeError):
+        vocab_size = int(json.loads(artifact.read_verified("config.json")).get("vocab_size") or 0)
+    except (ValueError, TypeError, AttributeError):
         return  # no usable config.json: nothing to compare with
     top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
     if vocab_size and top >= vocab_size:
@@ -159,20 +162,42 @@ def select_variant(artifact: Artifact, name: str | None, device: str, notes: lis
 
 
 def check_startup(path: str | Path, variant: str | None, device: str) -> Variant:
-    """What the server checks before it starts workers: artifact, variant, model sha256, tokenizer (or image processor)."""
+    """What the server checks before it starts workers: artifact and manifest, every file its files
+    map lists, variant, model sha256, tokenizer (or image processor)."""
     artifact = check_valid_artifact_dir(path)
+    artifact.verify_files()
     v = select_variant(artifact, variant, resolve_device(device))
     v.verify()
     if artifact.task == "image-classification":
-        from runtime.pixels import load_processor
+        from runtime.pixels import PROCESSOR_FILE, processor_from_bytes
 
         try:
-            load_processor(artifact.path)
+            processor_from_bytes(artifact.read_verified(PROCESSOR_FILE), artifact.path / PROCESSOR_FILE)
         except FerryError as e:
             raise ArtifactError(str(e)) from None
     else:
         load_tokenizer(artifact, artifact.max_length)
     return v
+
+
+def open_verified(
+    variant: Variant, device: str, threads: int | None, optimization: str, available: Sequence[str],
+    factory: Callable[..., Any] | None = None, tensorrt: bool = False,
+) -> Engine:
+    """Open ``variant`` in its engine from the bytes checked against the manifest, so what runs is
+    what was hashed; an engine that opens the file by path (OpenVINO, TensorRT, a graph with
+    external data, a test's session factory) has the file checked again once it is open.
+
+    Raises:
+        ArtifactError: a model file whose sha256 differs from the manifest (the runtime then refuses to start).
+    """
+    data = variant.read_verified()
+    spec = variant.spec
+    engine = open_engine(variant.path, spec.engine, spec.precision, device, threads, optimization, available,
+                         session_factory=factory, tensorrt=tensorrt, model_bytes=data)
+    if not getattr(engine, "loaded_from_bytes", False):
+        variant.verify()
+    return engine
 
 
 class VariantSession:
@@ -190,7 +215,7 @@ class VariantSession:
         self, variant: str | None, device: str, available: Sequence[str], factory: Callable[..., Any] | None,
         gpu_present: bool | None = None,
     ) -> None:
-        self.notes: list[str] = []  # warnings for the caller to show (the server logs them)
+        self.notes: list[str] = self.artifact.integrity_notes()  # warnings for the caller to show (the server logs them)
         self.device = resolve_device(device, available, gpu_present)
         self.fallback: str | None = None
         self.choice: Choice | None = None
@@ -244,12 +269,8 @@ class VariantSession:
         }
 
     def _open(self, factory: Callable[..., Any] | None, available: Sequence[str]) -> Engine:
-        self.variant.verify()  # integrity: refuse a model file whose sha256 differs from the manifest
-        spec = self.variant.spec
-        return open_engine(
-            self.variant.path, spec.engine, spec.precision, self.device, self.threads, self.optimization, available,
-            session_factory=factory, tensorrt=self.variant.name.endswith("-tensorrt"),
-        )
+        return open_verified(self.variant, self.device, self.threads, self.optimization, available, factory,
+                             tensorrt=self.variant.name.endswith("-tensorrt"))
 
 
 class Runtime(VariantSession):
@@ -331,10 +352,7 @@ class Runtime(VariantSession):
         fallback = (self.artifact.manifest.get("default_variant") or {}).get("cpu")
 
         def open_variant(name: str) -> Engine:
-            v = self.artifact.variants[name]
-            v.verify()
-            return open_engine(v.path, v.spec.engine, v.spec.precision, "cpu", self.threads, self.optimization, available,
-                               session_factory=factory)
+            return open_verified(self.artifact.variants[name], "cpu", self.threads, self.optimization, available, factory)
 
         return choosing.choose(self.artifact, names, skipped, open_variant, self._run_ids, choosing.load_reference(self.artifact), fallback)
 

@@ -72,6 +72,12 @@ class ServeArgs:
     max_image_bytes: int = opt(10_000_000, "image artifacts: most encoded bytes of one image (more: 413)", check=positive)
     max_image_pixels: int = opt(40_000_000, "image artifacts: most pixels (width x height) of one image (more: 413)", check=positive)
     timeout: int = opt(120, "seconds before a request is abandoned", check=positive)
+    max_concurrency: int = opt(
+        256,
+        "most requests in flight per worker; more are answered 429 at once (the admission gate already refuses "
+        "with 503 what would wait past max_latency_ms; past this, a request only holds memory and a connection)",
+        check=positive,
+    )
     batch_invariance: str = opt(
         "enforce",
         "enforce: a variant whose answers depend on its batch (dynamic int8) runs one text per call, so every answer "
@@ -122,8 +128,10 @@ def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
     from ferry.files import sha256_file
 
     artifact = check_valid_artifact_dir(path)
+    check_own_files(artifact.path)
+    artifact.verify_files()  # never store a modified file: every one the manifest lists
     for variant in artifact.variants.values():
-        variant.verify()  # never store a modified model file
+        variant.verify()
     m = artifact.manifest
     metadata = {
         "task": artifact.task,
@@ -144,13 +152,34 @@ def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
         with bentoml.models.create(name, labels={"stage": "export", "project": "ferry"}, metadata=metadata) as model:
             for item in artifact.path.iterdir():
                 target = Path(model.path) / item.name
-                if item.is_dir():
-                    shutil.copytree(item, target, dirs_exist_ok=True)
-                elif item.is_file():
-                    shutil.copy2(item, target)
+                # symlinks=True: a link made after the check above is copied as a link, never followed
+                if item.is_dir() and not item.is_symlink():
+                    shutil.copytree(item, target, symlinks=True, dirs_exist_ok=True)
+                elif item.is_file() and not item.is_symlink():
+                    shutil.copy2(item, target, follow_symlinks=False)
     except BentoMLException as e:
         raise FerryError(f"--name {name}: BentoML refused to store the model ({e})") from None
     return str(model.tag)
+
+
+def check_own_files(root: Path) -> None:
+    """Refuse an artifact holding a symbolic link or a special file: `ferry store` copies the
+    artifact's own files into the model store, never what a link points to (outside it, perhaps).
+
+    Raises:
+        FerryError: naming the first such entry.
+    """
+    import stat
+
+    for dirpath, dirnames, filenames in os.walk(root):  # does not follow links to directories
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                raise FerryError(f"{p}: a symbolic link (to {os.readlink(p)}); ferry store copies only the artifact's own "
+                                 "files: replace the link by a copy of its target, or re-export")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise FerryError(f"{p}: not a regular file or directory; ferry store copies only the artifact's own files")
 
 
 def store(args: StoreArgs) -> int:
@@ -169,7 +198,9 @@ def serve(args: ServeArgs) -> int:
     from runtime.artifact import check_valid_artifact_dir
     from serve.image import ImageRuntime
 
-    image = check_valid_artifact_dir(args.artifact).task == "image-classification"
+    artifact = check_valid_artifact_dir(args.artifact)  # paths inside it, the manifest's content hash
+    artifact.verify_files()  # every file its files map lists; a worker checks again what it loads
+    image = artifact.task == "image-classification"
     runtime = (ImageRuntime if image else Runtime)(
         args.artifact, args.variant, args.device, args.threads, args.optimization,
         enforce_invariance=args.batch_invariance == "enforce",
@@ -202,6 +233,7 @@ def serve(args: ServeArgs) -> int:
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         timeout_s=args.timeout,
+        max_concurrency=args.max_concurrency,
         batch_invariance=args.batch_invariance,
     )
     batch, latency = settings.batching(runtime.device)
@@ -244,7 +276,8 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 def run_server(settings: ServeSettings, host: str, port: int) -> int:
-    """Run the server until it exits, or until Ctrl-C / SIGTERM, which stop it gracefully."""
+    """Run the server until Ctrl-C / SIGTERM, which stop it gracefully (status 0); a server that
+    exits by itself is an error, whatever its status."""
     # Installed explicitly: a process started in the background inherits SIGINT ignored.
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     # Its own process group, so a hard stop can take the workers down with the arbiter.
@@ -258,9 +291,8 @@ def run_server(settings: ServeSettings, host: str, port: int) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if rc != 0:
-        raise FerryError(f"the BentoML server exited with status {rc}; its log above says why")
-    return 0
+    # Not asked to stop, so it stopped itself (a worker that could not load or warm up its model).
+    raise FerryError(f"the BentoML server stopped by itself (status {rc}); its log above says why")
 
 
 def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:

@@ -10,12 +10,14 @@ and answers ``{"results": [{"label", "score", "scores"?}, ...]}`` in request ord
 
 Validation, each a one-line JSON error, never a 500:
 
-- 400: empty request, bad JSON, a bad key or type, bad base64;
+- 400: empty request, bad JSON (a number of more than 4300 digits included), a bad key or
+  type, bad base64 (whitespace inside base64 is allowed: ``base64 FILE`` wraps at 76 columns);
 - 413: more than ``max_images`` images, an image over ``max_image_bytes`` bytes or over
   ``max_image_pixels`` pixels (a decompression bomb), a body over the limit;
 - 415: a content type other than multipart/form-data or application/json;
-- 422: bytes that are not a decodable image (unknown format, truncated, corrupt): the
-  request is well formed, its content cannot be processed.
+- 422: bytes that are not a decodable image in an accepted format (PNG, JPEG, BMP, GIF,
+  WebP, TIFF, PPM/PGM: ``runtime.pixels.FORMATS``; EPS and the rest are never opened), truncated
+  or corrupt: the request is well formed, its content cannot be processed.
 
 Images are opened and preprocessed by ``runtime.pixels.open_image`` and ``preprocess``
 (the implementation training and export parity use); no PyTorch on this path.
@@ -23,9 +25,9 @@ Images are opened and preprocessed by ``runtime.pixels.open_image`` and ``prepro
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import io
 import json
 import threading
 from http import HTTPStatus
@@ -37,18 +39,18 @@ import numpy as np
 from runtime.artifact import Artifact, check_valid_artifact_dir
 from runtime.engines import available_providers
 from ferry.errors import ArtifactError, DataError
+from serve.body import WHOLE_BYTES, RequestError, Scalar, Strings, json_problem, parse_object
 from runtime.predictor import VariantSession, softmax
 
 TASK = "image-classification"
 KEYS = ("images", "return_all_scores")
+EXAMPLE = '{"images": ["<base64>", ...]}'
+# Whitespace is allowed anywhere in base64 (RFC 2045 line breaks, `base64 FILE`'s 76 columns).
+B64_WHITESPACE = str.maketrans("", "", " \t\r\n\f\v")
 
 
-class ImageRequestError(Exception):
-    """A request the server refuses, with its HTTP status."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
+ImageRequestError = RequestError  # a request the server refuses, with its HTTP status
+MULTIPART_CHUNK = 1 << 20
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -60,16 +62,38 @@ def _bool(value: Any, where: str) -> bool:
 
 
 def parse_json(body: bytes, max_images: int, max_image_bytes: int) -> tuple[list[bytes], bool]:
-    """The image bytes and return_all_scores of a JSON body."""
+    """The image bytes and return_all_scores of a small JSON body, parsed whole."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise ImageRequestError(HTTPStatus.BAD_REQUEST, 'body is not valid JSON; send {"images": ["<base64>", ...]}') from None
+    except RecursionError:
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, "body is nested too deeply to be a request") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and a number of more than 4300 digits
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({json_problem(e)}); send {EXAMPLE}") from None
+    return images_from(data, max_images, max_image_bytes)
+
+
+async def parse_json_body(body: bytes, max_images: int, max_image_bytes: int) -> tuple[list[bytes], bool]:
+    """A JSON body: parsed whole when small, else as it is checked (serve/body.py)."""
+    if len(body) <= WHOLE_BYTES:
+        return parse_json(body, max_images, max_image_bytes)
+    b64 = (max_image_bytes + 2) // 3 * 4
+    schema = {
+        # room for line breaks and escapes in the JSON string; the exact 413 comes after whitespace is dropped
+        "images": Strings(max_images, 2 * b64 + 1024,
+                          lambda key: f"over {max_images} images, more than the limit of {max_images} per request; split it",
+                          lambda key, i: f"images[{i}] is over the limit of {max_image_bytes} bytes"),
+        "return_all_scores": Scalar(),
+    }
+    return images_from(await parse_object(body, schema, EXAMPLE), max_images, max_image_bytes)
+
+
+def images_from(data: Any, max_images: int, max_image_bytes: int) -> tuple[list[bytes], bool]:
+    """The image bytes and return_all_scores of a parsed JSON body."""
     if not isinstance(data, dict):
         raise ImageRequestError(HTTPStatus.BAD_REQUEST, 'body must be a JSON object like {"images": ["<base64>", ...]}')
     unknown = [k for k in data if k not in KEYS]
     if unknown:
-        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"unknown key '{unknown[0]}'; keys are: {', '.join(KEYS)}")
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"unknown key {unknown[0][:100]!r}; keys are: {', '.join(KEYS)}")
     images = data.get("images")
     if not isinstance(images, list):
         raise ImageRequestError(HTTPStatus.BAD_REQUEST, "'images' must be a list of base64 strings")
@@ -78,12 +102,13 @@ def parse_json(body: bytes, max_images: int, max_image_bytes: int) -> tuple[list
     for i, item in enumerate(images):
         if not isinstance(item, str):
             raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"images[{i}] must be a base64 string, got {type(item).__name__}")
-        if len(item) > (max_image_bytes + 2) // 3 * 4 + 4:
-            raise ImageRequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"images[{i}] is over the limit of {max_image_bytes} bytes")
         if item.startswith("data:") and "," in item:  # a data URL: keep its payload
             item = item.split(",", 1)[1]
+        item = item.translate(B64_WHITESPACE)  # `base64 FILE` wraps its output at 76 columns
+        if len(item) > (max_image_bytes + 2) // 3 * 4:
+            raise ImageRequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"images[{i}] is over the limit of {max_image_bytes} bytes")
         try:
-            raw = base64.b64decode(item, validate=True)
+            raw = base64.b64decode(item, validate=True)  # anything but the alphabet and padding is refused
         except (binascii.Error, ValueError):
             raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"images[{i}] is not valid base64") from None
         out.append(check_bytes(raw, f"images[{i}]", max_image_bytes))
@@ -96,15 +121,20 @@ async def parse_multipart(headers: Any, body: bytes, max_images: int, max_image_
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def stream():
-        yield body
+        # in slices, letting the event loop serve others between them: the parser is pure Python
+        for start in range(0, len(body), MULTIPART_CHUNK):
+            yield body[start : start + MULTIPART_CHUNK]
+            await asyncio.sleep(0)
 
     try:
         form = await MultiPartParser(headers, stream(), max_files=max_images + 1, max_fields=16).parse()
     except MultiPartException as e:
         raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"bad multipart body ({e.message})") from None
+    except (ValueError, TypeError, LookupError, AssertionError) as e:  # python-multipart on a hostile boundary or header
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"bad multipart body ({type(e).__name__}: {str(e)[:100]})") from None
     unknown = [k for k in form.keys() if k not in KEYS]
     if unknown:
-        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"unknown field '{unknown[0]}'; fields are: {', '.join(KEYS)}")
+        raise ImageRequestError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0][:100]!r}; fields are: {', '.join(KEYS)}")
     files = form.getlist("images")
     check_count(len(files), max_images)
     out = []
@@ -132,20 +162,14 @@ def check_bytes(raw: bytes, where: str, max_image_bytes: int) -> bytes:
 
 
 def decode(raw: bytes, where: str, processor: dict[str, Any], max_pixels: int) -> np.ndarray:
-    """One image's pixels ``[3, H, W]``; 413 past ``max_pixels``, 422 for bytes that are not an image."""
-    from PIL import Image
+    """One image's pixels ``[3, H, W]``; 413 past ``max_pixels`` (a decompression bomb, refused from
+    the header before decoding), 422 for bytes that are not an image in an accepted format."""
+    from runtime.pixels import TooManyPixels, open_image, preprocess
 
-    from runtime.pixels import open_image, preprocess
-
-    try:  # the header alone gives the size: refuse a decompression bomb before decoding it
-        with Image.open(io.BytesIO(raw)) as probe:
-            w, h = probe.size
-    except Exception:  # PIL raises many types for bytes it cannot identify; open_image names it
-        w = h = 0
-    if w * h > max_pixels:
-        raise ImageRequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
     try:
         img = open_image(raw, where, max_pixels)
+    except TooManyPixels as e:
+        raise ImageRequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(e)) from None
     except DataError as e:
         raise ImageRequestError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
     return preprocess([img], processor)[0]
@@ -162,15 +186,17 @@ class ImageRuntime(VariantSession):
         self, artifact: str | Path | Artifact, variant: str | None = None, device: str = "auto", threads: int | None = None,
         optimization: str = "all", max_group: int | None = None, enforce_invariance: bool = True,
     ):
-        from runtime.pixels import load_processor
+        from runtime.pixels import PROCESSOR_FILE, processor_from_bytes
 
         self.artifact = artifact if isinstance(artifact, Artifact) else check_valid_artifact_dir(artifact)
         if self.artifact.task != TASK:
             raise ArtifactError(f"{self.artifact.path}: a {self.artifact.task} artifact, not an image-classification one")
         self.threads, self.optimization, self.max_group = threads, optimization, max_group
         self.labels = self.artifact.labels
-        try:
-            self.processor = load_processor(self.artifact.path)
+        if not (self.artifact.path / PROCESSOR_FILE).is_file():
+            raise ArtifactError(f"{self.artifact.path / PROCESSOR_FILE}: no such file; an image artifact needs its {PROCESSOR_FILE}")
+        try:  # from the bytes checked against the manifest's files map
+            self.processor = processor_from_bytes(self.artifact.read_verified(PROCESSOR_FILE), self.artifact.path / PROCESSOR_FILE)
         except DataError as e:
             raise ArtifactError(str(e)) from None
         self._open_variant(variant, device, available_providers(), None)

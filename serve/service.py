@@ -4,12 +4,23 @@ Routes:
     POST /classify   ``{"texts": [...], "return_all_scores": false}`` -> ``{"results": [...]}``;
                      validates each request (4xx JSON errors), then feeds its texts, in
                      chunks of at most ``max_batch_size``, to the batchable endpoint's
-                     adaptive batcher (in process: the same queue as POST /batch).
-    POST /batch      the batchable endpoint: BentoML's adaptive batcher merges the texts of
-                     concurrent requests into one list; returns probabilities per text.
+                     adaptive batcher, in process.
+    POST /classify-image  the same for images (serve/image.py).
     GET  /info       model, labels, variant, provider, max_length, batch invariance, parity.
-    GET  /livez, /readyz (ready only after a warm-up inference), /metrics (BentoML's
-                     Prometheus metrics plus texts, tokens and padded tokens per batch).
+    GET  /livez, /readyz (200 only once every worker has run its warm-up inference),
+                     /metrics (BentoML's Prometheus metrics plus texts, tokens and padded
+                     tokens per batch).
+
+The batchable endpoints ``batch`` and ``batch_image`` (BentoML's adaptive batcher merges the
+texts or images of concurrent requests into one list) are internal: serve/front.py answers 404
+to them over HTTP, as to any path that is not a route, before BentoML's metrics label it.
+
+Bodies are capped per endpoint by what its largest valid request needs
+(``ServeSettings.body_caps``) and parsed as they are checked (serve/body.py). Whatever goes
+wrong past validation is a one-line JSON 5xx naming the cause, never a bare 500: an inference
+that raises fails only the requests holding the texts it raised on (the merged batch is re-run
+one text at a time to find them), and a NaN or infinite score is a 500 naming the text, because
+no label can honestly be given for it.
 
 Why /classify is not itself the batchable endpoint: a batchable method only sees merged
 batches, so per-request caps and errors must be checked before batching.
@@ -34,7 +45,7 @@ import signal
 import sys
 import threading
 from http import HTTPStatus
-from typing import Annotated, Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable, NoReturn
 
 import bentoml
 from annotated_types import Len, MaxLen
@@ -46,7 +57,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ferry.errors import FerryError
+from serve import front
 from serve.batching import Overloaded, TextGate, cap_cork_wait, in_chunks
+from serve.body import WHOLE_BYTES, RequestError, Scalar, Strings, json_problem, parse_object, read_body
+from serve.readiness import SharedReadiness
 from runtime.predictor import Runtime, check_startup, resolve_device
 from serve.settings import ServeSettings
 
@@ -59,9 +73,18 @@ except FerryError as e:  # a bad FERRY_* variable: one line, not a traceback fro
     raise SystemExit(2) from None
 DEVICE = resolve_device(SETTINGS.device)
 MAX_BATCH_SIZE, MAX_LATENCY_MS = SETTINGS.batching(DEVICE)
-# \uXXXX escapes take 6 bytes a char; base64 4 bytes per 3
-MAX_BODY_BYTES = max(SETTINGS.max_texts * SETTINGS.max_chars * 6, SETTINGS.max_images * SETTINGS.max_image_bytes * 4 // 3) + 65536
+BODY_CAPS = SETTINGS.body_caps()
 KEYS = ("texts", "return_all_scores")
+EXAMPLE = '{"texts": ["..."]}'
+TEXT_SCHEMA = {
+    "texts": Strings(
+        SETTINGS.max_texts, SETTINGS.max_chars * 6,
+        lambda key: f"'{key}' has over {SETTINGS.max_texts} items, more than the limit of {SETTINGS.max_texts} per request; split it",
+        lambda key, i: f"{key}[{i}] has more characters than the limit of {SETTINGS.max_chars}",
+    ),
+    "return_all_scores": Scalar(),
+}
+PUBLIC = "routes are POST /classify, POST /classify-image, GET /info, /livez, /readyz, /metrics"
 
 _metrics: dict[str, Any] = {}
 _infer: dict[str, Callable[..., Awaitable[Any]]] = {}  # batchable endpoint name -> its adaptive batcher
@@ -83,32 +106,55 @@ def metrics() -> dict[str, Any]:
     return _metrics
 
 
-class RequestError(Exception):
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 def error(status: HTTPStatus, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": int(status)}, status_code=int(status))
+    """A one-line JSON error: whatever a message quotes from the request, it stays one line of valid UTF-8."""
+    line = " ".join(message.split("\n"))[:1000].encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": line, "status": int(status)}, status_code=int(status))
+
+
+def describe(e: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(e).strip()
+    first = text.splitlines()[0][:300] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def non_finite(probs: Any) -> str | None:
+    """"NaN" or "inf" when ``probs`` holds one, else None."""
+    a = np.asarray(probs, dtype=np.float64)
+    if np.isfinite(a).all():
+        return None
+    return "NaN" if np.isnan(a).any() else "inf"
 
 
 def parse_request(body: bytes) -> tuple[list[str], bool]:
-    """The texts and return_all_scores of a /classify body; RequestError names what is wrong."""
+    """The texts and return_all_scores of a small /classify body; RequestError names what is wrong."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({e}); send {{\"texts\": [\"...\"]}}") from None
     except RecursionError:
         raise RequestError(HTTPStatus.BAD_REQUEST, "body is nested too deeply to be a request") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and a number of more than 4300 digits
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({json_problem(e)}); send {EXAMPLE}") from None
+    return check_request(data)
+
+
+async def parse_text_body(body: bytes) -> tuple[list[str], bool]:
+    """A /classify body: parsed whole when small, else as it is checked (serve/body.py)."""
+    if len(body) <= WHOLE_BYTES:
+        return parse_request(body)
+    return check_request(await parse_object(body, TEXT_SCHEMA, EXAMPLE))
+
+
+def check_request(data: Any) -> tuple[list[str], bool]:
+    """The texts and return_all_scores of a parsed /classify body."""
     if not isinstance(data, dict):
         raise RequestError(HTTPStatus.BAD_REQUEST, f"body must be a JSON object like {{\"texts\": [...]}}, got {type(data).__name__}")
     unknown = [k for k in data if k not in KEYS]
     if "texts" not in data:
-        got = f" (got: {', '.join(map(str, unknown))})" if unknown else ""
+        got = f" (got: {', '.join(repr(k[:100]) for k in unknown[:5])})" if unknown else ""
         raise RequestError(HTTPStatus.BAD_REQUEST, f"'texts' is missing{got}; send {{\"texts\": [\"...\"]}}")
     if unknown:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown key '{unknown[0]}'; keys are: {', '.join(KEYS)}")
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown key {unknown[0][:100]!r}; keys are: {', '.join(KEYS)}")
     texts = data["texts"]
     if not isinstance(texts, list):
         raise RequestError(HTTPStatus.BAD_REQUEST, f"'texts' must be a list of strings, got {_kind(texts)}")
@@ -166,26 +212,12 @@ def batcher(request: Request) -> Callable[[list[str]], Awaitable[list[dict[str, 
     BentoML's own way to call an endpoint from inside the service (``self.to_async``)
     goes through an aiohttp session that BentoML closes and replaces every 100 requests,
     failing the requests still in flight on it; and it serializes every call to JSON. So
-    /classify feeds the same dispatcher that serves POST /batch (one queue, one batching
-    policy, BentoML's adaptive-batch-size metric included), found through the app's router.
+    /classify feeds the dispatcher BentoML built for the batchable endpoint (one queue, one
+    batching policy, BentoML's adaptive-batch-size metric included), found through the app's
+    router; that endpoint's own HTTP route is closed (serve/front.py).
     """
     infer = _endpoint(request, "batch")
     return lambda texts: infer((texts,), {})
-
-
-async def read_body(request: Request) -> bytes:
-    """The body, refused with 413 past MAX_BODY_BYTES without reading the rest of it."""
-    length = request.headers.get("content-length")
-    too_big = RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over the limit of {MAX_BODY_BYTES} bytes")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def is_image_server() -> bool:
@@ -194,24 +226,48 @@ def is_image_server() -> bool:
     return isinstance(bentoml.get_current_service().runtime, ImageRuntime)
 
 
+OVERLOADED = f"server overloaded: the request would wait more than max_latency_ms={MAX_LATENCY_MS}; retry later"
+WARMING_UP = "this worker is still warming up (GET /readyz is 200 once every worker is ready); retry shortly"
+
+
+async def run_batched(run: Callable[[list[Any]], Awaitable[list[dict[str, Any]]]], items: list[Any], what: str) -> list[dict[str, Any]] | JSONResponse:
+    """The batch endpoint's answers for ``items``, or the JSON 5xx that answers the request instead:
+    503 overloaded, 500 naming the item an inference failed on or gave a non-finite score for."""
+    try:
+        raw = await in_chunks(run, items, MAX_BATCH_SIZE, _gate, MAX_LATENCY_MS / 1000)
+    except (ServiceUnavailable, Overloaded):
+        return error(HTTPStatus.SERVICE_UNAVAILABLE, OVERLOADED)
+    except Exception as e:  # noqa: BLE001 - past validation, whatever fails is the server's: a JSON 500 naming it
+        log.error("inference failed for a request of %d %s: %s", len(items), what, describe(e))
+        return error(HTTPStatus.INTERNAL_SERVER_ERROR, f"inference failed: {describe(e)}")
+    for i, r in enumerate(raw):
+        if "error" in r:
+            return error(HTTPStatus.INTERNAL_SERVER_ERROR, f"inference failed on {what}[{i}]: {r['error']}")
+        bad = non_finite(r["probs"])
+        if bad:
+            log.error("the model gave a %s score for %s[%d]", bad, what, i)
+            return error(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                f"the model gave a non-finite score ({bad}) for {what}[{i}]: no label can be given for it; "
+                "the model or its variant is broken for this input",
+            )
+    return raw
+
+
 async def classify(request: Request) -> JSONResponse:
     if is_image_server():
         return error(HTTPStatus.BAD_REQUEST, "this server serves an image-classification model; POST images to /classify-image")
+    rt = bentoml.get_current_service().runtime
+    if not rt.ready:
+        return error(HTTPStatus.SERVICE_UNAVAILABLE, WARMING_UP)
     try:
-        texts, return_all = parse_request(await read_body(request))
+        texts, return_all = await parse_text_body(await read_body(request, BODY_CAPS["/classify"]))
     except RequestError as e:
         return error(e.status, str(e))
-    run = batcher(request)
-    try:
-        raw = await in_chunks(run, texts, MAX_BATCH_SIZE, _gate, MAX_LATENCY_MS / 1000)
-    except (ServiceUnavailable, Overloaded):
-        return error(
-            HTTPStatus.SERVICE_UNAVAILABLE,
-            f"server overloaded: the request would wait more than max_latency_ms={MAX_LATENCY_MS}; retry later",
-        )
-    rt = bentoml.get_current_service().runtime
-    results = [rt.format(r["probs"], r["truncated"], return_all) for r in raw]
-    return JSONResponse({"results": results})
+    raw = await run_batched(batcher(request), texts, "texts")
+    if isinstance(raw, JSONResponse):
+        return raw
+    return JSONResponse({"results": [rt.format(r["probs"], r["truncated"], return_all) for r in raw]})
 
 
 def image_batcher(request: Request) -> Callable[[list[Any]], Awaitable[Any]]:
@@ -224,38 +280,38 @@ async def classify_image(request: Request) -> JSONResponse:
     """POST /classify-image: multipart ``images`` files or JSON base64 ``images`` (serve/image.py)."""
     import anyio
 
-    from serve.image import ImageRequestError, parse_json, parse_multipart
+    from serve.image import parse_json_body, parse_multipart
 
     if not is_image_server():
         return error(HTTPStatus.BAD_REQUEST, "this server serves a text-classification model; POST texts to /classify")
     rt = bentoml.get_current_service().runtime
+    if not rt.ready:
+        return error(HTTPStatus.SERVICE_UNAVAILABLE, WARMING_UP)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
         if kind not in ("multipart/form-data", "application/json"):
-            raise ImageRequestError(
+            raise RequestError(
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                f"content type '{kind or 'none'}': send multipart/form-data with 'images' files, or application/json "
+                f"content type '{kind[:100] or 'none'}': send multipart/form-data with 'images' files, or application/json "
                 '{"images": ["<base64>", ...]}',
             )
-        body = await read_body(request)
+        body = await read_body(request, BODY_CAPS["/classify-image"])
         limits = (SETTINGS.max_images, SETTINGS.max_image_bytes)
-        raws, return_all = await parse_multipart(request.headers, body, *limits) if kind == "multipart/form-data" else parse_json(body, *limits)
+        if kind == "multipart/form-data":
+            raws, return_all = await parse_multipart(request.headers, body, *limits)
+        else:
+            raws, return_all = await parse_json_body(body, *limits)
+        del body
         # Decoding and resizing are CPU work: off the event loop.
         pixels = await anyio.to_thread.run_sync(
             lambda: [rt.decode(raw, f"images[{i}]", SETTINGS.max_image_pixels) for i, raw in enumerate(raws)]
         )
     except RequestError as e:
         return error(e.status, str(e))
-    except ImageRequestError as e:
-        return error(e.status, str(e))
-    try:
-        probs = await in_chunks(image_batcher(request), pixels, MAX_BATCH_SIZE, _gate, MAX_LATENCY_MS / 1000)
-    except (ServiceUnavailable, Overloaded):
-        return error(
-            HTTPStatus.SERVICE_UNAVAILABLE,
-            f"server overloaded: the request would wait more than max_latency_ms={MAX_LATENCY_MS}; retry later",
-        )
-    return JSONResponse({"results": [rt.format(p, return_all) for p in probs]})
+    raw = await run_batched(image_batcher(request), pixels, "images")
+    if isinstance(raw, JSONResponse):
+        return raw
+    return JSONResponse({"results": [rt.format(r["probs"], return_all) for r in raw]})
 
 
 async def info(request: Request) -> JSONResponse:
@@ -272,7 +328,10 @@ async def info(request: Request) -> JSONResponse:
         "max_images": SETTINGS.max_images,
         "max_image_bytes": SETTINGS.max_image_bytes,
         "max_image_pixels": SETTINGS.max_image_pixels,
+        "max_body_bytes": BODY_CAPS["/classify-image" if is_image_server() else "/classify"],
+        "max_concurrency": SETTINGS.max_concurrency,
         "workers": SETTINGS.workers,
+        "ready_workers": _readiness.ready_workers(),
     }
     return JSONResponse(body)
 
@@ -300,7 +359,8 @@ routes = Starlette(routes=[
 @bentoml.service(
     name="ferry",
     workers=SETTINGS.workers,
-    traffic={"timeout": SETTINGS.timeout_s},
+    # BentoML divides max_concurrency among the workers: each worker holds SETTINGS.max_concurrency.
+    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency * SETTINGS.workers},
     labels={"project": "ferry"},
 )
 @bentoml.asgi_app(routes, path="/")
@@ -336,10 +396,7 @@ class Ferry:
                 enforce_invariance=SETTINGS.batch_invariance == "enforce",
             )
         except FerryError as e:
-            # A worker that cannot load its model stops the server instead of being respawned forever.
-            log.error("refusing to start: %s", e)
-            os.kill(os.getppid(), signal.SIGTERM)
-            os._exit(2)
+            stop_server(f"refusing to start: {e}")
         for note in self.runtime.notes:
             log.warning(note)
         if getattr(self.runtime, "choice", None) is not None:
@@ -347,36 +404,79 @@ class Ferry:
                 log.info(line)
         log.info(self.runtime.describe())
         log.info("adaptive batching: max_batch_size=%d texts, max_latency_ms=%d", MAX_BATCH_SIZE, MAX_LATENCY_MS)
-        # Warm up off the event loop: /livez answers at once, /readyz only after it.
+        # Warm up off the event loop: /livez answers at once, /readyz only after it (in every worker).
         threading.Thread(target=self._warm_up, name="ferry-warm-up", daemon=True).start()
 
     def _warm_up(self) -> None:
         try:
             self.runtime.warm_up()
-            log.info("warm-up inference done; ready")
-        except Exception:  # a model that cannot run a warm-up is not ready, and says why
-            log.exception("warm-up inference failed; /readyz stays 503")
+        except Exception as e:  # noqa: BLE001 - a worker whose model cannot run a warm-up must not serve
+            stop_server(f"refusing to serve: warm-up inference failed ({describe(e)})")
+        _readiness.mark_ready()
+        log.info("warm-up inference done; this worker is ready")
+
+    @bentoml.on_shutdown
+    def _not_ready(self) -> None:
+        _readiness.clear()
 
     def __is_ready__(self) -> bool:
-        return self.runtime.ready
+        """Ready when this worker and every other worker of the server have run their warm-up."""
+        return self.runtime.ready and _readiness.all_ready()
 
-    @bentoml.api(route="/batch", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def batch(
-        self, texts: Annotated[list[Annotated[str, MaxLen(SETTINGS.max_chars)]], Len(1, MAX_BATCH_SIZE)]
-    ) -> list[dict[str, Any]]:
-        """Probabilities per text for a merged batch (texts of concurrent requests)."""
-        if not hasattr(self.runtime, "run_batch"):
-            raise InvalidArgument("this server serves an image-classification model; POST images to /classify-image")
-        b = self.runtime.run_batch(texts)
+    def _run_texts(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Probabilities per text; when the batch raises, each text again alone, so that only the
+        texts it raises on get an error (naming the cause), not every request merged with them."""
+        try:
+            b = self.runtime.run_batch(texts)
+        except Exception as e:  # noqa: BLE001 - reported per text to the requests that hold it
+            if len(texts) == 1:
+                log.error("inference failed on one text: %s", describe(e))
+                return [{"error": describe(e)}]
+            log.warning("a batch of %d texts failed (%s); running them one at a time", len(texts), describe(e))
+            return [r for t in texts for r in self._run_texts([t])]
         m = metrics()
         m["texts"].observe(len(texts))
         m["tokens"].observe(sum(b.tokens))
         m["padded"].observe(b.padded_tokens)
         return [{"probs": p.tolist(), "truncated": t} for p, t in zip(b.probs, b.truncated)]
 
+    @bentoml.api(route="/batch", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def batch(
+        self, texts: Annotated[list[Annotated[str, MaxLen(SETTINGS.max_chars)]], Len(1, MAX_BATCH_SIZE)]
+    ) -> list[dict[str, Any]]:
+        """Probabilities per text for a merged batch (texts of concurrent requests); internal (serve/front.py)."""
+        if not hasattr(self.runtime, "run_batch"):
+            raise InvalidArgument("this server serves an image-classification model; POST images to /classify-image")
+        return self._run_texts(texts)
+
+    def _run_pixels(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        """Probabilities per image, isolating the images an inference raises on (see :meth:`_run_texts`)."""
+        try:
+            return [{"probs": p} for p in self.runtime.run_pixels(pixels)]
+        except Exception as e:  # noqa: BLE001 - reported per image to the requests that hold it
+            if len(pixels) == 1:
+                log.error("inference failed on one image: %s", describe(e))
+                return [{"error": describe(e)}]
+            log.warning("a batch of %d images failed (%s); running them one at a time", len(pixels), describe(e))
+            return [r for i in range(len(pixels)) for r in self._run_pixels(pixels[i : i + 1])]
+
     @bentoml.api(route="/batch-image", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def batch_image(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities per image for a merged batch of preprocessed pixels ``[N, 3, H, W]``."""
+    def batch_image(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        """Probabilities per image for a merged batch of preprocessed pixels ``[N, 3, H, W]``; internal (serve/front.py)."""
         if not hasattr(self.runtime, "run_pixels"):
             raise InvalidArgument("this server serves a text-classification model; POST texts to /classify")
-        return self.runtime.run_pixels(pixels)
+        return self._run_pixels(pixels)
+
+
+def stop_server(reason: str) -> NoReturn:
+    """Stop the whole server with one line, from a worker: BentoML would respawn a worker that
+    merely exits, forever, and a worker that stays up unready would leave /readyz flapping."""
+    log.error(reason)
+    _readiness.clear()
+    os.kill(os.getppid(), signal.SIGTERM)
+    os._exit(2)
+
+
+_readiness = SharedReadiness(SETTINGS.workers)
+front.install(Ferry, PUBLIC)
+front.cancel_timeout_timers()

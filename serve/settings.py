@@ -18,6 +18,7 @@ PREFIX = "FERRY_"
 DEFAULT_MODEL = "ferry-classifier"
 DEFAULT_TAG = f"{DEFAULT_MODEL}:latest"
 BATCH_INVARIANCE = ("enforce", "variant")
+BODY_SLACK = 65_536
 # BentoML's dispatcher (max_batch_size is counted in texts), the refusal budget, and the
 # worker processes of `ferry serve`: one on CPU, where ONNX Runtime already uses every core;
 # four on GPU, where one process's HTTP and tokenizing work, not the model, is the limit
@@ -47,6 +48,11 @@ class ServeSettings:
     max_image_bytes: int = 10_000_000  # encoded bytes of one image
     max_image_pixels: int = 40_000_000  # width x height of one image (a decompression bomb is refused)
     timeout_s: int = 120
+    # Requests in flight per worker; past it BentoML answers 429 at once (its traffic max_concurrency).
+    # 256 is 8 batches of 32 (CPU) or 2 of 128 (GPU) of one-text requests waiting behind the gate,
+    # which refuses with 503 whatever waits longer than max_latency_ms anyway; past that, a request
+    # only holds memory (up to its body cap) and a connection.
+    max_concurrency: int = 256
     batch_invariance: str = "enforce"  # or "variant": serve a batch-dependent variant batched anyway
     choice: str | None = None  # `ferry serve`'s start-up variant choice (JSON), reported by /info
 
@@ -85,6 +91,21 @@ class ServeSettings:
         if problems:
             raise ConfigError(problems)
         return cls(**values)
+
+    def body_caps(self) -> dict[str, int]:
+        """The most body bytes each endpoint reads: what its largest valid request takes, plus
+        :data:`BODY_SLACK` (keys, separators, whitespace, multipart headers).
+
+        /classify: ``max_texts`` texts of ``max_chars`` characters each written as a 6-byte
+        ``\\uXXXX`` escape. /classify-image: ``max_images`` images of ``max_image_bytes`` bytes as
+        base64 (4 bytes per 3), with room for ``base64 FILE``'s line breaks written as escaped
+        CRLFs in JSON (4 bytes per 76) and 1 KiB per image for a data URL prefix or a part's headers.
+        """
+        b64 = (self.max_image_bytes + 2) // 3 * 4
+        return {
+            "/classify": self.max_texts * self.max_chars * 6 + BODY_SLACK,
+            "/classify-image": self.max_images * (b64 * 80 // 76 + 1024) + BODY_SLACK,
+        }
 
     def batching(self, device: str) -> tuple[int, int]:
         """(max_batch_size, max_latency_ms) for a resolved device ("cpu" or "cuda")."""

@@ -173,3 +173,50 @@ def bentoml_home(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def raw_post(port: int, path: str, headers: dict[str, str], chunks=(), chunked: bool = False, timeout: float = 20.0):
+    """POST over a plain socket, for bodies httpx would not send as asked (a Content-Length with no
+    body, a chunked body that stops as soon as the server answers); returns (status, headers, body).
+
+    Each chunk is sent only while the server has not answered yet, so a server that refuses a body
+    part-way is seen refusing it, instead of the client failing on a connection it closed.
+    """
+    import select
+
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    if chunked:
+        head += "Transfer-Encoding: chunked\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall((head + "\r\n").encode())
+        for chunk in chunks:
+            if select.select([s], [], [], 0.05)[0]:  # answered already: stop sending
+                break
+            try:
+                s.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        else:
+            if chunked:
+                try:
+                    s.sendall(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+        data = b""
+        while b"\r\n\r\n" not in data:
+            block = s.recv(65536)
+            if not block:
+                break
+            data += block
+        head_bytes, _, body = data.partition(b"\r\n\r\n")
+        lines = head_bytes.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        got = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+        length = int(got.get("content-length", "0"))
+        while len(body) < length:
+            block = s.recv(65536)
+            if not block:
+                break
+            body += block
+        return status, got, body

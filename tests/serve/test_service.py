@@ -20,10 +20,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def servers(served_artifact, bentoml_home, tmp_path_factory):
     """Three servers started together: fp32 with a 50 ms latency budget (for the idle 256-text
-    request), fp32 with the defaults, and the artifact's default CPU variant."""
+    request) and at most 4 requests at once, fp32 with the defaults, and the artifact's default CPU variant."""
     logs = tmp_path_factory.mktemp("server-logs")
     started = {
-        "tight": Server(served_artifact, logs / "tight.log", bentoml_home, "--variant", "fp32", "--max-latency-ms", "50"),
+        "tight": Server(served_artifact, logs / "tight.log", bentoml_home, "--variant", "fp32", "--max-latency-ms", "50",
+                        "--max-concurrency", "4"),
         "fp32": Server(served_artifact, logs / "fp32.log", bentoml_home, "--variant", "fp32"),
         "default": Server(served_artifact, logs / "default.log", bentoml_home),
     }
@@ -113,11 +114,46 @@ def test_info_livez_readyz_metrics(servers, served_artifact):
     assert any(k.startswith("bentoml_service_request") for k in m)  # BentoML's own metrics are there too
 
 
-def test_batch_endpoint_returns_probabilities(servers):
-    r = httpx.post(servers["tight"].url + "/batch", json={"texts": ["pizza", "goal"]}, timeout=60)
-    assert r.status_code == 200
-    body = r.json()
-    assert len(body) == 2 and all(abs(sum(item["probs"]) - 1) < 1e-6 for item in body)
+@pytest.mark.parametrize("path", ["/batch", "/batch-image"])
+def test_the_batch_endpoints_are_not_reachable_from_outside(servers, path):
+    """The batchable endpoints are fed in process by /classify and /classify-image, past their
+    validation, body cap and admission gate; over HTTP they do not exist."""
+    url = servers["tight"].url
+    for body in ({"texts": ["pizza", "goal"]}, {"texts": [3]}, {"pixels": [[1.0]]}, "junk"):
+        r = httpx.post(url + path, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 404, r.text
+        assert "no route" in r.json()["error"]
+    assert httpx.get(url + path, timeout=10).status_code == 404
+    r = post(url, {"texts": ["pizza", "goal"]})  # the same batcher, in process
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def _label_sets(metrics_text: str) -> set[str]:
+    return {line.rsplit(" ", 1)[0] for line in metrics_text.splitlines() if line.startswith("bentoml_")}
+
+
+def test_random_paths_do_not_grow_the_metrics(servers):
+    """BentoML labels its request metrics with the raw path: unknown paths are answered before that."""
+    import random
+    import string
+
+    url = servers["tight"].url
+    rng = random.Random(5)
+    before = _label_sets(httpx.get(url + "/metrics", timeout=10).text)
+    with httpx.Client(timeout=10) as client:
+        for _ in range(200):
+            path = "/" + "".join(rng.choices(string.ascii_letters + string.digits + "/-_.", k=rng.randint(1, 40)))
+            r = client.request(rng.choice(["GET", "POST", "PUT", "DELETE"]), url + path, content=b"{}")
+            assert r.status_code in (404, 405), (path, r.status_code)
+            assert r.json()["error"]
+    after = _label_sets(httpx.get(url + "/metrics", timeout=10).text)
+    assert len(after - before) < 20, sorted(after - before)[:20]
+    assert parse_metrics(httpx.get(url + "/metrics", timeout=10).text).get("ferry_unrouted_requests_total", 0) >= 200
+
+
+def test_get_on_classify_is_a_json_405(servers):
+    r = httpx.get(servers["tight"].url + "/classify", timeout=10)
+    assert r.status_code == 405 and "POST" in r.json()["error"] and r.headers["allow"] == "POST"
 
 
 # --- bad input: a 4xx JSON error each, and the server still answers --------------------------
@@ -136,6 +172,18 @@ BAD = [
     ('{"texts": ["ok", "a\\ud800b"]}', 400, "texts[1] is not valid Unicode"),
     (b'{"texts": ["\xff"]}', 400, "not valid JSON"),
     ("[" * 100_000 + "]" * 100_000, 400, "nested too deeply"),
+    ('{"texts": ["ok"], "return_all_scores": ' + "1" * 5000 + "}", 400, "more than 4300 digits"),
+    ('{"texts": [' + "9" * 4301 + "]}", 400, "more than 4300 digits"),
+    # past 64 KiB a body is parsed as it is checked: the first problem is named, the rest never parsed
+    ('{"junk": [' + "[]," * 100_000 + "[]]}", 400, "unknown key 'junk'"),
+    ('{"texts": [[' + "[]," * 100_000 + "[]]]}", 400, "texts[0] must be a string, got a list"),
+    ('{"texts": ["a"' + ', "a"' * 100_000 + "]}", 413, "more than the limit of 256"),
+    ('{"texts": ["' + "\\u00e9" * 50_001 + '"]}', 413, "limit of 50000"),
+    ('{"texts": ["' + "a" * 400_000 + '"]}', 413, "limit of 50000"),
+    ('{"texts": ["ok"], "return_all_scores": [' + "[]," * 100_000 + "[]]}", 400, "return_all_scores"),
+    ('{"texts": ["' + "a" * 100_000 + '"], "texts": ["b"]}', 400, "'texts' appears twice"),
+    ('{"texts": ["' + "a" * 100_000 + '"]', 400, "not valid JSON"),
+    ('{"texts": ["' + "a" * 100_000 + '"]} x', 400, "not valid JSON"),
 ]
 
 
@@ -147,6 +195,44 @@ def test_bad_input_gets_4xx_json_and_server_stays_healthy(servers, body, status,
     assert message in r.json()["error"]
     assert httpx.get(url + "/readyz").status_code == 200
     assert post(url, {"texts": ["still here"]}).status_code == 200
+
+
+def test_a_large_valid_body_parses_like_a_small_one(servers):
+    """Past 64 KiB the incremental parser takes the body: the same answers as json.loads'."""
+    url = servers["tight"].url
+    texts = ["caf\u00e9 \"pizza\"\n\tpasta \\ " + "x" * 3000, "", "the match team goal"] * 30
+    body = json.dumps({"return_all_scores": True, "texts": texts}, indent=1)
+    assert len(body) > 65536
+    big = post(url, body)
+    assert big.status_code == 200, big.text
+    for text, got in zip(texts[:3], big.json()["results"]):
+        alone = post(url, {"texts": [text], "return_all_scores": True}).json()["results"][0]
+        assert (got["label"], got["truncated"], set(got["scores"])) == (alone["label"], alone["truncated"], set(alone["scores"]))
+        assert got["score"] == pytest.approx(alone["score"], abs=1e-5)
+
+
+def test_a_body_over_the_cap_is_413_before_it_is_read(servers):
+    """The text server's cap is what 256 texts of 50,000 escaped characters need (76.8 MB), not the
+    image server's; a Content-Length past it is refused at once, without waiting for the body."""
+    from tests.serve.conftest import raw_post
+
+    s = servers["tight"]
+    cap = httpx.get(s.url + "/info", timeout=10).json()["serving"]["max_body_bytes"]
+    assert cap == 256 * 50_000 * 6 + 65_536
+    status, _, body = raw_post(s.port, "/classify", {"content-type": "application/json", "content-length": str(cap + 1)}, timeout=20)
+    assert status == 413 and f"limit of {cap} bytes" in json.loads(body)["error"]
+    status, _, body = raw_post(s.port, "/classify-image", {"content-type": "application/json", "content-length": str(10**9)}, timeout=20)
+    assert status == 400 and "POST texts to /classify" in json.loads(body)["error"]  # nothing read on the wrong route
+
+
+def test_requests_past_max_concurrency_are_429(servers):
+    url = servers["tight"].url
+    assert httpx.get(url + "/info", timeout=10).json()["serving"]["max_concurrency"] == 4
+    texts = distinct_texts(256, seed=3)
+    responses = asyncio.run(_concurrent(url, [{"texts": texts}] * 12))
+    codes = [r.status_code for r in responses]
+    assert 429 in codes and set(codes) <= {200, 429, 503}, codes
+    assert all(r.json()["error"] for r in responses if r.status_code != 200)
 
 
 def test_256_texts_on_an_idle_server_with_a_50ms_budget(servers):
@@ -222,6 +308,45 @@ def _texts_file(tmp_path):
     p = tmp_path / "texts.txt"
     p.write_text("\n".join(distinct_texts(50, seed=5)), encoding="utf-8")
     return p
+
+
+def test_answered_requests_leave_no_memory_behind(servers):
+    """BentoML's timeout middleware kept a timer per request for the whole timeout (120 s) after
+    the answer: about 5 KB a request. 3,000 quick requests now leave under 5 MiB behind."""
+    from tests.serve import fuzz
+
+    s = servers["fp32"]
+    with httpx.Client(timeout=30) as client:
+        for _ in range(300):
+            client.get(s.url + "/livez")
+        before = fuzz.process_tree_rss(s.proc.pid)
+        for i in range(3000):
+            r = client.get(s.url + "/livez") if i % 3 else client.post(s.url + "/classify", json={"x": 1})
+            assert r.status_code in (200, 400)
+        after = fuzz.process_tree_rss(s.proc.pid)
+    assert after - before < 5 * 2**20, f"RSS grew by {(after - before) / 2**20:.1f} MiB over 3,000 requests"
+
+
+# --- fuzz ------------------------------------------------------------------------------------
+RSS_BOUND = 32 * 2**20  # growth of the server's process tree over a fuzz run (measured: 4-5 MiB over 5,000 cases)
+
+
+def test_fuzz_classify_never_5xx_and_memory_stays_bounded(servers):
+    """FERRY_FUZZ_N (default 1,000) seeded malformed bodies: truncated and garbage JSON, wrong types at
+    every level, huge numbers, 100,000-deep nesting, bad encodings, oversized headers."""
+    from tests.serve import fuzz
+
+    s = servers["fp32"]
+    fuzz.run_fuzz(s.url + "/classify", fuzz.text_cases(seed=1), 50)  # first requests: lazy imports, buffers
+    before = fuzz.process_tree_rss(s.proc.pid)
+    out = fuzz.run_fuzz(s.url + "/classify", fuzz.text_cases(seed=13), fuzz.fuzz_n())
+    after = fuzz.process_tree_rss(s.proc.pid)
+    print(f"fuzz: {out['statuses']}, RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
+    assert out["failures"] == [], (out["failures"][:10], out["statuses"])
+    assert sum(out["statuses"].values()) == fuzz.fuzz_n()
+    assert post(s.url, {"texts": ["the match team goal"]}).status_code == 200
+    assert httpx.get(s.url + "/readyz", timeout=10).status_code == 200
+    assert after - before < RSS_BOUND, f"RSS grew by {(after - before) / 2**20:.0f} MiB over the fuzz run"
 
 
 # --- integrity ---------------------------------------------------------------------------
