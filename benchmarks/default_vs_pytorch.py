@@ -45,7 +45,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from export.bench import (
-        TWIN, BenchArgs, add_speedups, baseline_checks, isa_text, jobs_for, machine_info, plan_engines, pytorch_source, run_grid,
+        TWIN, BenchArgs, add_speedups, baseline_checks, busy_note, isa_text, jobs_for, machine_info, plan_engines, pytorch_source, run_grid,
         standalone_twin, start_workers, text_grid,
     )
     from export.export import quiet_libraries
@@ -76,6 +76,8 @@ def main() -> int:
     check_cells = [] if a.no_check_baseline else [(c.batch_size, c.seq_length) for c in cells]
     twin_jobs = [standalone_twin(j) for j in jobs if j.spec.kind == "pytorch"] if check_cells else []
     load_start = list(os.getloadavg())
+    machine = machine_info()  # before the workers load: the load average is the other programs'
+    busy = busy_note(machine)
     workers, unavailable = start_workers(jobs + twin_jobs)
     twins = [w for w in workers if w.spec.name.endswith(TWIN)]
     workers = [w for w in workers if w not in twins]
@@ -84,7 +86,6 @@ def main() -> int:
             skipped[name] = reason
         if f"onnx-{served}-cpu" in unavailable:
             sys.exit(f"the default variant {served} cannot run here: {unavailable[f'onnx-{served}-cpu'][0]}")
-        machine = machine_info()
         results, failed, timings = run_grid(workers, cells, args, twins, check_cells)
     finally:
         for w in workers + twins:
@@ -122,7 +123,7 @@ def main() -> int:
     report = {
         "command": command, "artifact": str(artifact.path), "checkpoint": source, "variant": served, "chosen_by": chosen_by, "notes": notes,
         "threads": threads, "machine": {**machine, "load_average_start": load_start, "load_average_end": list(os.getloadavg())},
-        "skipped": skipped, "failed": failed, "cells": cells_out, "results": results,
+        "busy": busy, "skipped": skipped, "failed": failed, "cells": cells_out, "results": results,
         "versions": library_versions("torch", "onnxruntime-gpu", "onnxruntime", "openvino", "transformers", "numpy"),
         "duration_s": round(time.perf_counter() - started, 1),
     }
@@ -137,6 +138,7 @@ def main() -> int:
         f"- variant: **{served}** ({chosen_by}); PyTorch: {source}",
         "- each engine in its own process, one at a time, interleaved rounds (export/bench.py); ratios are default variant over the "
         "fastest PyTorch path: seq/s ratio = its throughput / PyTorch's, p50 ratio = PyTorch's p50 / its p50",
+        *([f"- **busy machine**: {busy}"] if busy else []),
         "", markdown_table(headers, rows), "",
     ]
     if skipped:
@@ -149,6 +151,8 @@ def main() -> int:
     (out_dir / "default_vs_pytorch.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     print(text_table(headers, rows))
     print(f"CPU: {machine['cpu']}; {isa_text(machine['cpu_isa'])}")
+    if busy:
+        print(f"warning: {busy}", file=sys.stderr)
     for c in cells_out:
         if c["baseline_check"] and c["baseline_check"]["status"] != "ok":
             print(f"*** {c['baseline_check']['message']}", file=sys.stderr)

@@ -143,6 +143,18 @@ def spread(values: Sequence[float]) -> float:
 # ---------------------------------------------------------------- machine
 
 
+def busy_note(machine: dict[str, Any]) -> str | None:
+    """A warning when other programs kept the machine busy at the start (1-minute load
+    average over half the logical cores): PyTorch's OpenMP threads stall whenever one of
+    them loses its core, far more than ONNX Runtime's pool, so speedups come out inflated."""
+    load, cores = machine.get("load_average"), machine.get("logical_cores") or 1
+    if not load or load[0] <= 0.5 * cores:
+        return None
+    return (f"the machine was busy before the bench started (load average {load[0]:.1f} on {cores} logical cores): PyTorch's "
+            "OpenMP threads stall whenever another program takes one of their cores, so its times and every speedup over it "
+            "move with that load; measure on a quiet machine, or compare with --threads 1")
+
+
 def machine_info() -> dict[str, Any]:
     import psutil
 
@@ -1063,6 +1075,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     ]
     for device, h in (report.get("headline") or {}).items():
         lines.append(f"- **headline**: {headline_text(device, h)}")
+    if report.get("busy"):
+        lines.append(f"- **busy machine**: {report['busy']}")
     for check in report.get("baseline_check") or []:
         text = check["message"]
         lines.append(f"- baseline check: **{check['status']}**: " + (f"**{text}**" if check["status"] != "ok" else text))
@@ -1277,6 +1291,8 @@ def bench(args: BenchArgs) -> int:
     jobs = jobs_for(specs, artifact, args.checkpoint, threads)
     check_cells = [pick_headline((c.batch_size, c.seq_length) for c in cells)] if args.check_baseline else []
     twin_jobs = [standalone_twin(j) for j in jobs if j.spec.kind == "pytorch"] if check_cells else []
+    machine = machine_info()  # before the workers load: the load average is the other programs'
+    busy = busy_note(machine)
     workers, unavailable = start_workers(jobs + twin_jobs)
     twins = [w for w in workers if w.spec.name.endswith(TWIN)]
     workers = [w for w in workers if w not in twins]
@@ -1292,7 +1308,6 @@ def bench(args: BenchArgs) -> int:
                 raise getattr(ferry.errors, kind, FerryError)(reason)
             else:
                 skipped[name] = f"could not load: {reason}"
-        machine = machine_info()
         results, failed, timings = run_grid(workers, cells, args, twins, check_cells)
     finally:
         for w in workers + twins:
@@ -1317,6 +1332,7 @@ def bench(args: BenchArgs) -> int:
         "failed": failed,
         "headline": heads,
         "baseline_check": checks,
+        "busy": busy,
         "settings": to_dict(args),
         "results": results,
         "versions": library_versions(*VERSIONS),
@@ -1335,6 +1351,8 @@ def bench(args: BenchArgs) -> int:
         print("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     if failed:
         print("FAILED: " + "; ".join(f"{k} ({v})" for k, v in failed.items()), file=sys.stderr)
+    if busy:
+        print(f"warning: {busy}", file=sys.stderr)
     for check in checks:
         if check["status"] == "ok":
             print(f"baseline check ok: {check['message']}")

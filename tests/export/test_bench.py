@@ -176,6 +176,15 @@ def test_baseline_checks_pick_the_fastest_path_and_its_twin():
     assert baseline_checks(results, timings, []) == []
 
 
+def test_busy_machine_note():
+    from export.bench import busy_note
+
+    assert busy_note({"load_average": [0.4, 0.3, 0.2], "logical_cores": 2}) is None
+    note = busy_note({"load_average": [4.5, 3.0, 2.0], "logical_cores": 2})
+    assert "load average 4.5 on 2 logical cores" in note and "OpenMP" in note
+    assert busy_note({"load_average": None, "logical_cores": 2}) is None
+
+
 # ---- the process-per-engine runner: engines loaded by these functions inside their worker
 
 
@@ -335,6 +344,7 @@ def test_bench_report_records_the_cpu_the_headline_and_the_baseline_check(report
     assert f"over the fastest PyTorch path, {h['baseline']}" in md and "baseline check: **" in md
     assert "CPU ISA: avx2 " in md and rep["machine"]["cpu"] in md
     assert "one process per engine" in rep["isolation"]
+    assert ("busy machine" in md) == bool(rep["busy"])
 
 
 def test_bench_plots_are_valid_pngs(report_dir):
