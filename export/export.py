@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from export import ensemble, quantize
 from export.ensemble import COMBINE
-from runtime.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES, VARIANTS
+from runtime.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES, VARIANTS, seal
 from export.parity import GateArgs, default_threads, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
 from ferry.config import opt, positive, to_dict
 from ferry.errors import CheckpointError, ConfigError, DataError, FerryError
@@ -582,6 +582,7 @@ def export(args: ExportArgs) -> int:
                 "heldout_accuracy": pytorch_accuracy(manifest_variants),
                 "heldout_source": labelled.source if labelled else None,
             }
+        manifest = seal(staging, manifest)  # every file's sha256 and the content hash the readers check
         write_json(staging / MANIFEST, manifest)
 
     if args.ensemble:

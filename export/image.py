@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from export import quantize
-from runtime.artifact import FAIL, STAGE, VARIANT_FILES, VARIANTS
+from runtime.artifact import FAIL, STAGE, VARIANT_FILES, VARIANTS, seal
 from export.parity import (
     HELDOUT_BATCH, INVARIANCE_TEXTS, Labelled, Reference, _progress, check_variant, default_threads, torch_logits,
 )
@@ -308,6 +308,7 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
             "outputs": outputs,
             **manifest_common(args, manifest_variants, defaults, isa, timings, ("torch", "onnx", "onnxruntime", "numpy", "pillow")),
         }
+        manifest = seal(staging, manifest)  # every file's sha256 and the content hash the readers check
         write_json(staging / MANIFEST, manifest)
 
     return summarize(manifest_variants, defaults, output, started)

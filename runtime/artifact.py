@@ -388,5 +388,36 @@ def check_valid_artifact_dir(path: str | Path, flag: str = "ARTIFACT") -> Artifa
     missing = [k for k in ("labels", "variants", "inputs", "outputs") if k not in manifest]
     if missing:
         raise ArtifactError(f"{p / MANIFEST}: missing {', '.join(missing)}; re-export the checkpoint")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ArtifactError(f"{p / MANIFEST}: {problem}; re-export the checkpoint")
     check_paths_and_content(p, manifest)
     return Artifact(p, manifest)
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """The first key of an artifact manifest whose type is wrong (the readers then index it safely), or None."""
+    def strings(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    for key in ("labels", "inputs", "outputs"):
+        if not strings(manifest[key]) or not manifest[key]:
+            return f"'{key}' must be a non-empty list of strings, not {json.dumps(manifest[key])[:80]}"
+    variants = manifest["variants"]
+    if not isinstance(variants, dict) or not variants:
+        return f"'variants' must be a non-empty mapping of name to variant, not {json.dumps(variants)[:80]}"
+    for name, info in variants.items():
+        if not isinstance(info, dict) or not isinstance(info.get("file"), str):
+            return f"variant '{name}' must be a mapping with a 'file' name"
+        for key in ("status", "sha256", "engine", "precision", "device"):
+            if key in info and not isinstance(info[key], str):
+                return f"variant '{name}': '{key}' must be a string"
+        for key in ("parity",):
+            if key in info and info[key] is not None and not isinstance(info[key], dict):
+                return f"variant '{name}': '{key}' must be a mapping"
+    for key in ("default_variant", "reference", "source"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            return f"'{key}' must be a mapping"
+    if "max_length" in manifest and (not isinstance(manifest["max_length"], int) or manifest["max_length"] < 2):
+        return "'max_length' must be an integer >= 2"
+    return None

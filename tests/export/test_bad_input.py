@@ -11,6 +11,7 @@ import pytest
 from ferry.files import sha256_file
 from tests import tiny
 from tests.export.conftest import FAST, make_checkpoint, run_fails
+from tests.artifacts import write_manifest
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
@@ -88,7 +89,7 @@ def corrupted_artifact(bert_artifact: Path, tmp_path: Path, fix_hash: bool) -> P
     if fix_hash:  # damaged before hashing: only loading it can tell
         m = json.loads((art / "ferry.json").read_text())
         m["variants"]["int8"]["sha256"] = sha256_file(model)
-        (art / "ferry.json").write_text(json.dumps(m))
+        write_manifest(art, m)
     return art
 
 
@@ -116,7 +117,7 @@ def test_parity_with_moved_checkpoint(bert_artifact, tmp_path, capsys):
     shutil.copytree(bert_artifact, art)
     m = json.loads((art / "ferry.json").read_text())
     m["source"]["checkpoint"] = str(tmp_path / "gone")
-    (art / "ferry.json").write_text(json.dumps(m))
+    write_manifest(art, m)
     run_fails(["parity", str(art)], capsys, "not found", "--checkpoint DIR")
     run_fails(["bench", str(art), "--output", str(tmp_path / "b")], capsys, "not found", "--no-pytorch")
 
@@ -129,3 +130,22 @@ def test_parity_data_with_unknown_label(bert_artifact, tmp_path, capsys):
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, a directory nobody can write in")
 def test_output_in_a_directory_nobody_can_write(bert_ckpt, capsys):
     run_fails(["export", str(bert_ckpt), "--output", "/proc/ferry-test/artifact"], capsys, "--output", "cannot write in")
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("variants", [], "'variants' must be a non-empty mapping"),
+    ("variants", {"fp32": "model.onnx"}, "variant 'fp32' must be a mapping with a 'file' name"),
+    ("labels", "abc", "'labels' must be a non-empty list of strings"),
+    ("inputs", [1, 2], "'inputs' must be a non-empty list of strings"),
+    ("max_length", "512", "'max_length' must be an integer"),
+    ("default_variant", ["fp32"], "'default_variant' must be a mapping"),
+])
+def test_malformed_artifact_manifest_is_one_line_and_status_2(bert_artifact, tmp_path, capsys, key, value, needle):
+    """A manifest with a wrong type (sealed, so the seal is not what refuses it): named, never a traceback."""
+    art = tmp_path / "art"
+    shutil.copytree(bert_artifact, art)
+    m = json.loads((art / "ferry.json").read_text())
+    m[key] = value
+    write_manifest(art, m)
+    run_fails(["parity", str(art), "--quiet"], capsys, "ferry.json", needle, "re-export")
+    run_fails(["serve", str(art)], capsys, needle)

@@ -13,6 +13,7 @@ import pytest
 from runtime.engines import cuda_usable, gpu_present
 from tests import tiny
 from tests.export.conftest import FAST, manifest, run
+from tests.artifacts import write_manifest
 
 
 def test_parity_command_checks_every_variant(bert_artifact, tmp_path, capsys):
@@ -57,7 +58,7 @@ def test_parity_fails_on_perturbed_onnx(bert_artifact, tmp_path, capsys):
     onnx.save(model, str(art / "model.onnx"))
     m = json.loads((art / "ferry.json").read_text())
     m["variants"]["fp32"]["sha256"] = sha256_file(art / "model.onnx")
-    (art / "ferry.json").write_text(json.dumps(m))
+    write_manifest(art, m)
     rc, out, err = run(["parity", str(art), "--variants", "fp32", "--quiet"], capsys)
     assert rc == 1
     assert "fp32 failed the parity gate" in err and "Traceback" not in err

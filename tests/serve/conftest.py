@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny
+from tests.artifacts import write_manifest
 
 MAX_LENGTH = 64
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,7 +145,7 @@ def copy_artifact(src, dst, **manifest_changes):
     m = json.loads((dst / "ferry.json").read_text())
     for key, value in manifest_changes.items():
         m[key] = value
-    (dst / "ferry.json").write_text(json.dumps(m))
+    write_manifest(dst, m)
     return dst, m
 
 

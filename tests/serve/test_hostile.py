@@ -14,6 +14,7 @@ import pytest
 
 from ferry.files import sha256_file
 from tests.serve.conftest import Server
+from tests.artifacts import write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +69,7 @@ def served_copy(src, dst, model=None, **changes):
     m["default_variant"] = {"cpu": "fp32", "gpu": None}
     m.pop("reference", None)
     m.update(changes)
-    (dst / "ferry.json").write_text(json.dumps(m))
+    write_manifest(dst, m)
     return dst
 
 

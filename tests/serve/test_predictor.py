@@ -18,6 +18,7 @@ from runtime import engines as engines_module
 from runtime.predictor import Runtime, length_groups, resolve_device
 from serve.settings import ServeSettings
 from tests.serve.conftest import ROOT, copy_artifact
+from tests.artifacts import write_manifest
 
 TEXTS = [
     "pizza",
@@ -80,16 +81,17 @@ def test_a_modified_model_file_is_refused(served_artifact, tmp_path):
 def test_a_variant_that_failed_parity_is_not_served(served_artifact, tmp_path):
     art, m = copy_artifact(served_artifact, tmp_path / "a")
     m["variants"]["int8"]["status"] = "fail"
-    (art / "ferry.json").write_text(json.dumps(m))
+    write_manifest(art, m)
     with pytest.raises(ArtifactError, match="variant 'int8' failed its parity gate"):
         Runtime(art, variant="int8", device="cpu")
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(served_artifact, tmp_path):
-    art, _ = copy_artifact(served_artifact, tmp_path / "a")
+    art, m = copy_artifact(served_artifact, tmp_path / "a")
     config = json.loads((art / "config.json").read_text())
     config["vocab_size"] = 100
     (art / "config.json").write_text(json.dumps(config))
+    write_manifest(art, m)  # as a re-export would seal it: the vocabulary check, not the seal, refuses it
     with pytest.raises(ArtifactError, match="vocab_size is 100"):
         Runtime(art, variant="fp32", device="cpu")
 
@@ -175,7 +177,7 @@ def gpu_artifact(served_artifact, tmp_path):
     m["variants"]["fp16"] = {**m["variants"]["fp32"], "file": "model_fp16.onnx", "precision": "fp16", "device": "cuda",
                              "sha256": sha256_file(art / "model_fp16.onnx"), "batch_invariant": True}
     m["default_variant"] = {**m["default_variant"], "gpu": "fp16"}
-    (art / "ferry.json").write_text(json.dumps(m))
+    write_manifest(art, m)
     return art
 
 
