@@ -1317,7 +1317,8 @@ def bench(args: BenchArgs) -> int:
     checks = baseline_checks(results, timings, check_cells)
     failed = {k: v for k, v in failed.items() if not k.endswith(TWIN)}  # a twin's failure is its check's message
 
-    command = "ferry bench " + " ".join(sys.argv[2:]) if sys.argv and sys.argv[0].endswith("ferry") else f"ferry bench {args.artifact}"
+    via_cli = sys.argv and (sys.argv[0].endswith("ferry") or sys.argv[0].endswith(os.path.join("ferry", "__main__.py")))
+    command = "ferry bench " + " ".join(sys.argv[2:]) if via_cli else f"ferry bench {args.artifact}"
     report = {
         "stage": "bench",
         "artifact": str(artifact.path),
