@@ -126,7 +126,10 @@ def test_bench_times_pytorch_and_each_variant_on_images(exported, tmp_path, caps
     results = json.loads((report / "bench.json").read_text())["results"]
     cells = sorted((r["engine"], r["batch_size"], r["seq_length"]) for r in results)
     size = f"{images.SIZE}x{images.SIZE}"
-    assert cells == sorted((e, b, size) for e in ("pytorch-fp32-cpu", "onnx-fp32-cpu", "onnx-int8-static-cpu") for b in (1, 4))
+    from runtime.hardware import read_cpu
+
+    pytorch = ("pytorch-fp32-cpu", "pytorch-bf16-cpu") if read_cpu().has("bf16") else ("pytorch-fp32-cpu",)
+    assert cells == sorted((e, b, size) for e in (*pytorch, "onnx-fp32-cpu", "onnx-int8-static-cpu") for b in (1, 4))
     assert all(r["sequences_per_s"] > 0 for r in results)
     run_fails(["bench", str(out), "--output", str(tmp_path / "b2"), "--texts", str(ckpt / "heldout")], capsys,
               "--texts", "image-classification artifact")
