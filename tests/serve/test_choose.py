@@ -14,7 +14,7 @@ from runtime.artifact import check_valid_artifact_dir
 from runtime.engines import EngineUnavailable
 from runtime.hardware import Cpu
 from runtime.predictor import Runtime
-from tests.serve.conftest import copy_artifact
+from tests.serve.conftest import copy_artifact, write_manifest
 
 AVX2 = Cpu("AMD EPYC", "x86_64", frozenset({"avx2"}))
 AMX = Cpu("Intel Xeon", "x86_64", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"}))
@@ -28,7 +28,7 @@ def artifact(served_artifact, tmp_path):
     m["variants"]["openvino-fp32"] = {**fp32, "engine": "openvino", "provider": "OpenVINO CPU"}
     m["variants"]["openvino-bf16"] = {**fp32, "engine": "openvino", "precision": "bf16", "status": "unverified",
                                       "batch_invariant": None, "parity": {"reason": "no bf16 here"}}
-    (art / "ferry.json").write_text(json.dumps(m))
+    write_manifest(art, m)
     return check_valid_artifact_dir(art)
 
 
@@ -179,6 +179,6 @@ def test_a_named_variant_that_fails_here_is_refused(served_artifact, tmp_path):
         row["logits"] = [x + (3.0 if i == 0 else 0.0) for i, x in enumerate(row["logits"])]
     ref.write_text("".join(json.dumps(r) + "\n" for r in rows))
     m["reference"]["sha256"] = sha256_file(ref)
-    (art / "ferry.json").write_text(json.dumps(m))
+    write_manifest(art, m)
     with pytest.raises(ArtifactError, match="fails its gate on this machine"):
         Runtime(art, variant="fp32", device="cpu")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ferry.files import sha256_file
-from tests.serve.conftest import Server
+from tests.serve.conftest import Server, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def served_copy(src, dst, model=None, **changes):
     m["default_variant"] = {"cpu": "fp32", "gpu": None}
     m.pop("reference", None)
     m.update(changes)
-    (dst / "ferry.json").write_text(json.dumps(m))
+    write_manifest(dst, m)
     return dst
 
 

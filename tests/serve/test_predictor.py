@@ -17,7 +17,7 @@ from ferry.files import sha256_file
 from runtime import engines as engines_module
 from runtime.predictor import Runtime, length_groups, resolve_device
 from serve.settings import ServeSettings
-from tests.serve.conftest import ROOT, copy_artifact
+from tests.serve.conftest import ROOT, copy_artifact, write_manifest
 
 TEXTS = [
     "pizza",
@@ -80,7 +80,7 @@ def test_a_modified_model_file_is_refused(served_artifact, tmp_path):
 def test_a_variant_that_failed_parity_is_not_served(served_artifact, tmp_path):
     art, m = copy_artifact(served_artifact, tmp_path / "a")
     m["variants"]["int8"]["status"] = "fail"
-    (art / "ferry.json").write_text(json.dumps(m))
+    write_manifest(art, m)
     with pytest.raises(ArtifactError, match="variant 'int8' failed its parity gate"):
         Runtime(art, variant="int8", device="cpu")
 
@@ -175,7 +175,7 @@ def gpu_artifact(served_artifact, tmp_path):
     m["variants"]["fp16"] = {**m["variants"]["fp32"], "file": "model_fp16.onnx", "precision": "fp16", "device": "cuda",
                              "sha256": sha256_file(art / "model_fp16.onnx"), "batch_invariant": True}
     m["default_variant"] = {**m["default_variant"], "gpu": "fp16"}
-    (art / "ferry.json").write_text(json.dumps(m))
+    write_manifest(art, m)
     return art
 
 

@@ -392,14 +392,14 @@ def test_a_worker_that_cannot_load_its_model_stops_the_server(served_artifact, t
     import sys
 
     from ferry.files import sha256_file
-    from tests.serve.conftest import ROOT, free_port, server_env
+    from tests.serve.conftest import ROOT, free_port, server_env, write_manifest
 
     art = tmp_path / "broken"
     shutil.copytree(served_artifact, art)
     (art / "model.onnx").write_bytes(b"not a protobuf")
     manifest = json.loads((art / "ferry.json").read_text())
     manifest["variants"]["fp32"]["sha256"] = sha256_file(art / "model.onnx")
-    (art / "ferry.json").write_text(json.dumps(manifest))
+    write_manifest(art, manifest)
     env = server_env(bentoml_home) | {"FERRY_ARTIFACT": str(art), "FERRY_VARIANT": "fp32"}
     cmd = [sys.executable, "-m", "bentoml", "serve", "serve.service:Ferry", "--port", str(free_port()), "--host", "127.0.0.1"]
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
