@@ -86,10 +86,11 @@ def test_a_variant_that_failed_parity_is_not_served(served_artifact, tmp_path):
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(served_artifact, tmp_path):
-    art, _ = copy_artifact(served_artifact, tmp_path / "a")
+    art, m = copy_artifact(served_artifact, tmp_path / "a")
     config = json.loads((art / "config.json").read_text())
     config["vocab_size"] = 100
     (art / "config.json").write_text(json.dumps(config))
+    write_manifest(art, m)  # as an export of such a model would have sealed it
     with pytest.raises(ArtifactError, match="vocab_size is 100"):
         Runtime(art, variant="fp32", device="cpu")
 
