@@ -145,8 +145,7 @@ def copy_artifact(src, dst, **manifest_changes):
     m = json.loads((dst / "ferry.json").read_text())
     for key, value in manifest_changes.items():
         m[key] = value
-    write_manifest(dst, m)
-    return dst, m
+    return dst, write_manifest(dst, m)
 
 
 @pytest.fixture(scope="session")

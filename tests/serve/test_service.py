@@ -393,7 +393,7 @@ def test_a_worker_that_cannot_load_its_model_stops_the_server(served_artifact, t
     import sys
 
     from ferry.files import sha256_file
-    from tests.serve.conftest import ROOT, free_port, server_env
+    from tests.serve.conftest import ROOT, free_port, server_env, write_manifest
 
     art = tmp_path / "broken"
     shutil.copytree(served_artifact, art)
