@@ -52,7 +52,7 @@ def test_mean_ensemble_artifact_equals_the_mean_of_member_probabilities(members,
     files = sorted(p.name for p in mean_artifact.iterdir())
     assert files == sorted([
         "config.json", "ferry.json", "model.onnx", "model_int8.onnx", "model_int8_static.onnx",
-        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+        "reference.jsonl", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
     ])
     texts, y = heldout_texts(members[0])
     probs = [member_probs(m, texts) for m in members]
