@@ -68,10 +68,10 @@ log = logging.getLogger("bentoml.ferry")  # BentoML configures the "bentoml" log
 
 try:
     SETTINGS = ServeSettings.from_env()
-except FerryError as e:  # a bad FERRY_* variable: one line, not a traceback from BentoML's loader
-    print(f"ferry: refusing to start: {e}", file=sys.stderr, flush=True)
+    DEVICE = resolve_device(SETTINGS.device)
+except FerryError as e:  # a bad FERRY_* variable (FERRY_DEVICE=gpu, ...): one line, not a traceback from BentoML's loader
+    print(f"ferry: refusing to start: {str(e).replace('--device', 'FERRY_DEVICE')}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None
-DEVICE = resolve_device(SETTINGS.device)
 MAX_BATCH_SIZE, MAX_LATENCY_MS = SETTINGS.batching(DEVICE)
 BODY_CAPS = SETTINGS.body_caps()
 KEYS = ("texts", "return_all_scores")

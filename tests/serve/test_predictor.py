@@ -287,3 +287,11 @@ def test_real_cuda_serves_fp16_through_io_binding(tmp_path):
     assert np.abs(got.probs - cpu.probs).max() <= 1e-2
     alone = np.concatenate([rt.run_batch([t]).probs for t in TEXTS])
     assert np.abs(alone - got.probs).max() <= 1e-2
+
+
+def test_a_bad_ferry_device_under_bentoml_is_one_line():
+    """`bentoml serve` imports the service with FERRY_* from the environment: a bad device is one line, status 2."""
+    env = {**os.environ, "FERRY_DEVICE": "gpu", "FERRY_ARTIFACT": "/nonexistent", "BENTOML_DO_NOT_TRACK": "True"}
+    p = subprocess.run([sys.executable, "-c", "import serve.service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "ferry: refusing to start: FERRY_DEVICE 'gpu' is not one of: auto, cpu, cuda"
