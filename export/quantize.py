@@ -241,7 +241,7 @@ def _fp32_bypass(path: Path, quantized: set[str]) -> int:
 
 
 def _calibration_cache_kwargs(cache: Path | None) -> dict[str, Any]:
-    """``calibration_cache_path`` where this ONNX Runtime has it (1.23+?): the first
+    """``calibration_cache_path`` where this ONNX Runtime has it (1.31 does): the first
     quantize_static calibrates and saves the ranges, the next ones (the fp32 fallback's tries)
     load them instead of running the calibration texts again."""
     import inspect
