@@ -71,7 +71,7 @@ class ExportArgs(GateArgs):
     calibration_method: str = opt("minmax", "how int8-static sets activation ranges", choices=("minmax", "percentile", "entropy"))
     int8_smooth: float = opt(0.75, "int8-static of a text model: SmoothQuant strength alpha, moving activation outliers into the weight scales (0: off)", check=lambda v: None if 0 <= v <= 1 else "must be between 0 and 1")
     int8_select_agreement: float = opt(0.995, "int8-static of a text model: validation label agreement (also at twice the error) that its fp32 fallback aims for; 0: no fallback", check=lambda v: None if 0 <= v <= 1 else "must be between 0 and 1")
-    int8_select_length: int = opt(256, "int8-static of a text model: tokens per validation text when choosing the fp32 fallback", check=positive)
+    int8_select_length: int = opt(128, "int8-static of a text model: tokens per validation text when choosing the fp32 fallback (held-out parity still runs at the full length)", check=positive)
     text_column: str = opt("text", "text column of --calibration and --data")
     label_column: str = opt("label", "label column of --data")
     data: str | None = opt(None, "labelled data for the parity gate (default: the checkpoint's heldout.jsonl)")

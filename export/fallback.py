@@ -98,34 +98,48 @@ def rank_matmuls(model: Any, qdq: Path, feeds: list[tuple[list[int], dict[str, n
     total = {name: 0.0 for name in mapped}
     count = 0
     model.eval()
-    for _, feed in feeds:
-        knobs, hooks = {}, []
-        batch = len(next(iter(feed.values())))
-        for name, (m, p, weight, inv) in mapped.items():
-            t = torch.zeros(batch, *([1] * 2), requires_grad=True)
-            knobs[name] = t
-
-            def hook(mod: Any, args: Any, y: Any, p: dict = p, weight: Any = weight, inv: Any = inv, t: Any = t) -> Any:
-                x = args[0] if inv is None else args[0] * inv
-                q = torch.clamp(torch.round(x / p["scale"]) + p["zero_point"], p["qmin"], p["qmax"])
-                err = torch.nn.functional.linear((q - p["zero_point"]) * p["scale"], weight, mod.bias) - y
-                return y + t.view(-1, *([1] * (y.dim() - 1))) * err.detach()
-
-            hooks.append(m.register_forward_hook(hook))
-        try:
-            logits = model(**{k: torch.from_numpy(v) for k, v in feed.items() if k in accepted}).logits
-        finally:
-            for h in hooks:
-                h.remove()
-        top2 = logits.detach().topk(2, dim=-1).indices
-        margin = logits.gather(1, top2[:, :1]) - logits.gather(1, top2[:, 1:])
-        grads = torch.autograd.grad(margin.sum(), list(knobs.values())) if knobs else []
-        for name, g in zip(knobs, grads):
-            total[name] += float(g.abs().sum())
-        count += batch
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:  # only d(margin)/dt is wanted: no weight gradients
+        p.requires_grad_(False)
+    try:
+        for _, feed in feeds:
+            count += _accumulate(model, mapped, feed, accepted, total)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     scores = {name: total[name] / max(count, 1) for name in mapped}
     ranked = sorted(scores, key=lambda n: -scores[n]) + [n for n in params if n not in scores]
     return ranked, scores
+
+
+def _accumulate(model: Any, mapped: dict[str, Any], feed: dict[str, np.ndarray], accepted: set[str], total: dict[str, float]) -> int:
+    """Add one batch's |d(margin)/dt| per MatMul to ``total``; returns the batch size."""
+    import torch
+
+    knobs, hooks = {}, []
+    batch = len(next(iter(feed.values())))
+    for name, (m, p, weight, inv) in mapped.items():
+        t = torch.zeros(batch, requires_grad=True)
+        knobs[name] = t
+
+        def hook(mod: Any, args: Any, y: Any, p: dict = p, weight: Any = weight, inv: Any = inv, t: Any = t) -> Any:
+            x = args[0] if inv is None else args[0] * inv
+            q = torch.clamp(torch.round(x / p["scale"]) + p["zero_point"], p["qmin"], p["qmax"])
+            err = torch.nn.functional.linear((q - p["zero_point"]) * p["scale"], weight, mod.bias) - y
+            return y + t.view(-1, *([1] * (y.dim() - 1))) * err.detach()
+
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        logits = model(**{k: torch.from_numpy(v) for k, v in feed.items() if k in accepted}).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    top2 = logits.detach().topk(2, dim=-1).indices
+    margin = logits.gather(1, top2[:, :1]) - logits.gather(1, top2[:, 1:])
+    grads = torch.autograd.grad(margin.sum(), list(knobs.values())) if knobs else []
+    for name, g in zip(knobs, grads):
+        total[name] += float(g.abs().sum())
+    return batch
 
 
 def matmul_flops(path: Path) -> dict[str, int]:

@@ -241,9 +241,9 @@ def _fp32_bypass(path: Path, quantized: set[str]) -> int:
 
 
 def _calibration_cache_kwargs(cache: Path | None) -> dict[str, Any]:
-    """``calibration_cache_path`` where this ONNX Runtime has it (1.23+?): the first
-    quantize_static calibrates and saves the ranges, the next ones (the fp32 fallback's tries)
-    load them instead of running the calibration texts again."""
+    """``calibration_cache_path`` where this ONNX Runtime has it (1.31 does): the first
+    quantize_static calibrates and saves the ranges, later quantize() calls of the same
+    StaticQuantizer load them instead of running the calibration texts again."""
     import inspect
 
     from onnxruntime.quantization import quantize_static
@@ -297,6 +297,9 @@ class StaticQuantizer:
     ``quantize(dst, keep_fp32)`` writes the QDQ model with the MatMuls (and, with ``conv``,
     the Convs) named in ``keep_fp32`` left in fp32; the calibrated ranges are reused between
     calls where ONNX Runtime can cache them (else each call calibrates again).
+    ``keeping(qdq, info, dst, keep)`` derives a variant with more MatMuls in fp32 from one
+    already quantized, by graph surgery (what the text fp32 fallback's tries use).
+    With ``smooth`` > 0 the MatMul inputs are smoothed first (:func:`smooth_matmul_inputs`).
     """
 
     def __init__(self, src: Path, work: Path, feeds: list[dict[str, Any]], isa: str, method: str = "minmax",
