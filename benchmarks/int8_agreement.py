@@ -14,6 +14,8 @@ PyTorch runs once per set; each ONNX file runs in this process with ``--threads`
 
     python benchmarks/int8_agreement.py runs/bbc runs/bbc-onnx --output runs/int8-agreement.json
     python benchmarks/int8_agreement.py runs/bbc runs/bbc-onnx/model_int8_static.onnx /tmp/other.onnx
+    python benchmarks/int8_agreement.py runs/bbc runs/bbc-onnx --write-first-lines runs/headlines.jsonl
+    ferry parity runs/bbc-onnx --data runs/headlines.jsonl
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=None, help="tokens per held-out text (default: the checkpoint's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--write-first-lines", default=None, metavar="FILE.jsonl",
+                    help="also write the first-lines set (text, label) to this file, for `ferry parity --data`")
     args = ap.parse_args()
 
     import torch
@@ -54,6 +58,10 @@ def main() -> int:
     texts, labels = read_jsonl_texts(ckpt.heldout)
     heads = [next((s.strip() for s in t.splitlines() if s.strip()), t) for t in texts]
     sets = {"heldout": (texts, labels), "first lines": (heads, labels)}
+    if args.write_first_lines:
+        with open(args.write_first_lines, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in zip(heads, labels))
+        print(f"wrote {len(heads)} first lines to {args.write_first_lines}")
     print(f"{len(texts)} held-out texts at up to {length} tokens; {len(first_lines(texts))} have a first line shorter than the text")
 
     files = []
