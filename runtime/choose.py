@@ -116,6 +116,15 @@ def batches(ids: Sequence[Sequence[int]], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def hardest_first(ref: Reference, size: int) -> list[list[int]]:
+    """Indices of the reference texts in groups of ``size``, the texts PyTorch was least sure of
+    (smallest margin between its two best logits) first: the ones a variant flips, if any. A
+    re-check cut short by the start-up budget has then checked those, not an arbitrary sample."""
+    top2 = np.sort(ref.logits, axis=-1)[:, -2:] if ref.logits.shape[-1] > 1 else np.zeros((len(ref.ids), 2))
+    order = [int(i) for i in np.argsort(top2[:, 1] - top2[:, 0], kind="stable")]
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -133,7 +142,7 @@ def recheck(
     how many: on a loaded machine the start-up stays bounded, with a smaller sample."""
     got = np.zeros_like(ref.logits)
     done: list[int] = []
-    for ix in batches(ref.ids, RECHECK_BATCH):
+    for ix in hardest_first(ref, RECHECK_BATCH):
         if done and deadline is not None and clock() > deadline:
             break
         got[ix] = run([ref.ids[i] for i in ix])

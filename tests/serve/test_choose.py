@@ -122,6 +122,28 @@ def test_a_recheck_that_runs_past_the_budget_decides_on_what_it_checked(artifact
     assert "(start-up budget)" in verdict["reason"] and clock() < 15 + 3.3 + 1
 
 
+def test_a_recheck_cut_short_has_checked_the_texts_pytorch_was_least_sure_of():
+    """Cut by the budget after one batch, the re-check still meets the one text a variant flips:
+    the closest call of PyTorch's, which the re-check takes first."""
+    ref, clock = fake_reference(n=200), Clock()
+    margin = np.sort(ref.logits, axis=-1)
+    closest = int(np.argmin(margin[:, -1] - margin[:, -2]))
+
+    def run(ids):
+        clock.t += 1.0
+        rows = np.stack([ref.logits[ref.ids.index(list(x))] for x in ids]).copy()
+        for row, x in zip(rows, ids):
+            if list(x) == ref.ids[closest]:  # swap its two best logits: a flipped label
+                best, second = np.argsort(row)[-1], np.argsort(row)[-2]
+                row[best], row[second] = row[second], row[best]
+        return rows
+
+    verdict = ch.recheck(run, ref, {"min_agreement": 0.995}, deadline=0.5, clock=clock)
+    assert verdict["texts"] == ch.RECHECK_BATCH < verdict["of"]
+    assert verdict["status"] == "fail" and "label agreement" in verdict["reason"]
+    assert [closest] == ch.hardest_first(ref, 1)[0]
+
+
 def test_a_variant_that_does_not_compile_here_is_skipped_and_named(artifact):
     ref, clock = fake_reference(), Clock()
     engines = {"clock": clock, "fp32": FakeEngine(ref, clock, 10), "openvino-fp32": FakeEngine(ref, clock, 1)}
