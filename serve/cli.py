@@ -23,7 +23,7 @@ from runtime.artifact import check_valid_artifact_dir
 from runtime.engines import OPT_LEVELS
 from ferry.config import opt, positive
 from ferry.errors import ConfigError, FerryError
-from serve.settings import BATCH_INVARIANCE, DEFAULT_MODEL, DEVICE_DEFAULTS, ServeSettings
+from serve.settings import BATCH_INVARIANCE, CPU_MAX_WORKERS, DEFAULT_MODEL, DEVICE_DEFAULTS, GPU_WORKERS, ServeSettings, worker_split
 
 SERVICE = "serve.service:Ferry"
 ROOT = Path(__file__).resolve().parent.parent  # the directory holding the serve, export and ferry packages
@@ -46,12 +46,12 @@ class ServeArgs:
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = opt(3000, "TCP port to listen on", check=port_number)
     device: str = opt("auto", "where to run: auto (CUDA when ONNX Runtime can use a GPU), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    threads: int | None = opt(None, "ONNX Runtime intra-op threads per worker (default: one per physical core)", check=positive)
+    threads: int | None = opt(None, "engine threads per worker (default on CPU: the physical cores divided among the workers; on GPU: the engine's own)", check=positive)
     optimization: str = opt("all", "ONNX Runtime graph optimization level", choices=OPT_LEVELS)
     workers: int | None = opt(
         None,
-        f"server worker processes, each loading the model once (default: {DEVICE_DEFAULTS['cpu']['workers']} "
-        f"on CPU, {DEVICE_DEFAULTS['cuda']['workers']} on GPU)",
+        f"server worker processes, each loading the model once (default: one per physical core, at most {CPU_MAX_WORKERS}, "
+        f"on CPU; {GPU_WORKERS} on GPU)",
         check=positive,
     )
     max_batch_size: int | None = opt(
@@ -112,12 +112,6 @@ def check_port(host: str, port: int) -> None:
             raise ConfigError(f"--port {port}: permission denied on {host}; use a port above 1023") from None
         except OSError as e:
             raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); is a server already running there?") from None
-
-
-def physical_cores() -> int:
-    import psutil  # a BentoML dependency
-
-    return int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
 
 
 def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
@@ -190,7 +184,7 @@ def store(args: StoreArgs) -> int:
 
 
 def serve(args: ServeArgs) -> int:
-    from runtime.predictor import Runtime
+    from runtime.predictor import Runtime, resolve_device
 
     if args.artifact is None:
         raise ConfigError("ARTIFACT is required")
@@ -201,8 +195,10 @@ def serve(args: ServeArgs) -> int:
     artifact = check_valid_artifact_dir(args.artifact)  # paths inside it, the manifest's content hash
     artifact.verify_files()  # every file its files map lists; a worker checks again what it loads
     image = artifact.task == "image-classification"
+    # The split first: the start-up choice times the candidates with the threads a worker will have.
+    workers, threads, split = worker_split(resolve_device(args.device), args.workers, args.threads)
     runtime = (ImageRuntime if image else Runtime)(
-        args.artifact, args.variant, args.device, args.threads, args.optimization,
+        args.artifact, args.variant, args.device, threads, args.optimization,
         enforce_invariance=args.batch_invariance == "enforce",
     )
     for note in runtime.notes:
@@ -211,10 +207,6 @@ def serve(args: ServeArgs) -> int:
     if choice is not None:
         for line in choice.log_lines():
             print(f"ferry serve: {line}", file=sys.stderr)
-    workers = args.workers or DEVICE_DEFAULTS[runtime.device]["workers"]
-    threads = args.threads
-    if threads is None and workers > 1:  # workers share the cores instead of each taking them all
-        threads = max(1, physical_cores() // workers)
     settings = ServeSettings(
         artifact=str(Path(args.artifact).resolve()),
         # the choice made here, so each worker opens (and re-checks) that one instead of timing them all again
@@ -225,6 +217,7 @@ def serve(args: ServeArgs) -> int:
         threads=threads,
         optimization=args.optimization,
         workers=workers,
+        split=split,
         max_batch_size=args.max_batch_size,
         max_latency_ms=args.max_latency_ms,
         max_texts=args.max_texts,
@@ -246,7 +239,7 @@ def serve(args: ServeArgs) -> int:
         print(f"ferry serve: registered the artifact as {settings.model_tag}; serving it from the model store", file=sys.stderr)
     print(
         f"ferry serve: http://{args.host}:{args.port} (POST {'/classify-image' if image else '/classify'}, GET /info, /readyz, /metrics), "
-        f"max_batch_size={batch}, max_latency_ms={latency}, workers={workers}; Ctrl-C stops it",
+        f"max_batch_size={batch}, max_latency_ms={latency}, workers={workers} x threads {threads or 'auto'} ({split}); Ctrl-C stops it",
         file=sys.stderr,
     )
     return run_server(settings, args.host, args.port)

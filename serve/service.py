@@ -62,7 +62,7 @@ from serve.batching import Overloaded, TextGate, cap_cork_wait, in_chunks
 from serve.body import WHOLE_BYTES, RequestError, Scalar, Strings, json_problem, parse_object, read_body
 from serve.readiness import SharedReadiness
 from runtime.predictor import Runtime, check_startup, resolve_device
-from serve.settings import ServeSettings
+from serve.settings import ServeSettings, worker_split
 
 log = logging.getLogger("bentoml.ferry")  # BentoML configures the "bentoml" logger in its workers
 
@@ -73,6 +73,8 @@ except FerryError as e:  # a bad FERRY_* variable (FERRY_DEVICE=gpu, ...): one l
     print(f"ferry: refusing to start: {str(e).replace('--device', 'FERRY_DEVICE')}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None
 MAX_BATCH_SIZE, MAX_LATENCY_MS = SETTINGS.batching(DEVICE)
+WORKERS, THREADS, SPLIT = worker_split(DEVICE, SETTINGS.workers, SETTINGS.threads)
+SPLIT = SETTINGS.split or SPLIT
 BODY_CAPS = SETTINGS.body_caps()
 KEYS = ("texts", "return_all_scores")
 EXAMPLE = '{"texts": ["..."]}'
@@ -330,7 +332,9 @@ async def info(request: Request) -> JSONResponse:
         "max_image_pixels": SETTINGS.max_image_pixels,
         "max_body_bytes": BODY_CAPS["/classify-image" if is_image_server() else "/classify"],
         "max_concurrency": SETTINGS.max_concurrency,
-        "workers": SETTINGS.workers,
+        "workers": WORKERS,
+        "threads_per_worker": THREADS,
+        "split": SPLIT,
         "ready_workers": _readiness.ready_workers(),
     }
     return JSONResponse(body)
@@ -358,9 +362,9 @@ routes = Starlette(routes=[
 
 @bentoml.service(
     name="ferry",
-    workers=SETTINGS.workers,
+    workers=WORKERS,
     # BentoML divides max_concurrency among the workers: each worker holds SETTINGS.max_concurrency.
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency * SETTINGS.workers},
+    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency * WORKERS},
     labels={"project": "ferry"},
 )
 @bentoml.asgi_app(routes, path="/")
@@ -378,6 +382,7 @@ class Ferry:
             print(f"ferry: refusing to start: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         log.info("model check passed: variant '%s', sha256 %s matches the manifest", v.name, str(v.info.get("sha256"))[:12])
+        choose_once()
 
     def __init__(self) -> None:
         path, self.model_tag = model_path()
@@ -390,7 +395,7 @@ class Ferry:
                 path,
                 variant=SETTINGS.variant,
                 device=SETTINGS.device,
-                threads=SETTINGS.threads,
+                threads=THREADS,
                 optimization=SETTINGS.optimization,
                 max_group=MAX_BATCH_SIZE,
                 enforce_invariance=SETTINGS.batch_invariance == "enforce",
@@ -468,6 +473,30 @@ class Ferry:
         return self._run_pixels(pixels)
 
 
+def choose_once() -> None:
+    """The start-up variant choice, made once here for every worker (``bentoml serve`` of a Bento;
+    `ferry serve` made it already): workers started after this hook inherit the environment, so
+    they all serve the same variant instead of each timing the candidates against the others."""
+    if SETTINGS.variant or DEVICE != "cpu":
+        return
+    path = model_path()[0]
+    from runtime.artifact import check_valid_artifact_dir
+
+    if check_valid_artifact_dir(path).task == "image-classification":
+        return
+    try:
+        rt = Runtime(path, device="cpu", threads=THREADS, optimization=SETTINGS.optimization,
+                     enforce_invariance=SETTINGS.batch_invariance == "enforce")
+    except FerryError as e:
+        print(f"ferry: refusing to start: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if rt.choice is not None:
+        for line in rt.choice.log_lines():
+            log.info(line)
+        os.environ["FERRY_CHOICE"] = json.dumps(rt.choice.as_dict())
+    os.environ["FERRY_VARIANT"] = rt.variant.name
+
+
 def stop_server(reason: str) -> NoReturn:
     """Stop the whole server with one line, from a worker: BentoML would respawn a worker that
     merely exits, forever, and a worker that stays up unready would leave /readyz flapping."""
@@ -477,6 +506,6 @@ def stop_server(reason: str) -> NoReturn:
     os._exit(2)
 
 
-_readiness = SharedReadiness(SETTINGS.workers)
+_readiness = SharedReadiness(WORKERS)
 front.install(Ferry, PUBLIC)
 front.cancel_timeout_timers()

@@ -19,14 +19,45 @@ DEFAULT_MODEL = "ferry-classifier"
 DEFAULT_TAG = f"{DEFAULT_MODEL}:latest"
 BATCH_INVARIANCE = ("enforce", "variant")
 BODY_SLACK = 65_536
-# BentoML's dispatcher (max_batch_size is counted in texts), the refusal budget, and the
-# worker processes of `ferry serve`: one on CPU, where ONNX Runtime already uses every core;
-# four on GPU, where one process's HTTP and tokenizing work, not the model, is the limit
-# (H100, demo fp16 artifact, 64 concurrent clients: 325 req/s with 1 worker, 883 with 4).
+# BentoML's dispatcher (max_batch_size is counted in texts) and the refusal budget per device.
 DEVICE_DEFAULTS = {
-    "cpu": {"max_batch_size": 32, "max_latency_ms": 10_000, "workers": 1},
-    "cuda": {"max_batch_size": 128, "max_latency_ms": 2_000, "workers": 4},
+    "cpu": {"max_batch_size": 32, "max_latency_ms": 10_000},
+    "cuda": {"max_batch_size": 128, "max_latency_ms": 2_000},
 }
+# Worker processes on GPU: one process's HTTP and tokenizing work, not the model, is the limit
+# (H100, demo fp16 artifact, 64 concurrent clients: 325 req/s with 1 worker, 883 with 4).
+GPU_WORKERS = 4
+# On CPU the HTTP work and the engine share the cores, and one worker's Python (HTTP, JSON,
+# batching) runs on one core at a time (the GIL). Measured on 2 cores (AMD EPYC, AVX2; demo
+# artifact fp32, BBC headlines, 64 clients, benchmarks/serve_load.py): 2 workers x 1 engine
+# thread served 1.7-2.3x the texts/s of 1 worker x 2 threads. So: one worker per physical core
+# up to CPU_MAX_WORKERS, the cores divided among them as engine threads.
+CPU_MAX_WORKERS = 4
+
+
+def physical_cores() -> int:
+    import psutil  # a BentoML dependency
+
+    return int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
+
+
+def worker_split(device: str, workers: int | None, threads: int | None, cores: int | None = None) -> tuple[int, int | None, str]:
+    """(worker processes, engine threads per worker or None for the engine's own default, why).
+
+    What is given is kept; what is not comes from the device and the physical cores.
+    """
+    cores = cores or physical_cores()
+    if device == "cuda":
+        w = workers or GPU_WORKERS
+        return w, threads, "given" if workers else f"{GPU_WORKERS} workers sharing the GPU (the model is not the limit there)"
+    w = workers or min(cores, CPU_MAX_WORKERS)
+    t = threads or max(1, cores // w)
+    if workers and threads:
+        why = "given"
+    else:
+        why = f"{cores} physical cores: {w} worker{'s' if w > 1 else ''} x {t} engine thread{'s' if t > 1 else ''}"
+        why += " (one worker per core up to 4; each worker's Python runs on one core at a time)" if not workers else ""
+    return w, t, why
 
 
 @dataclasses.dataclass
@@ -39,7 +70,8 @@ class ServeSettings:
     device: str = "auto"
     threads: int | None = None
     optimization: str = "all"
-    workers: int = 1
+    workers: int | None = None  # None: per device (worker_split)
+    split: str | None = None  # why that many workers and threads (`ferry serve` decides; /info reports it)
     max_batch_size: int | None = None  # None: the device's default
     max_latency_ms: int | None = None
     max_texts: int = 256
@@ -74,7 +106,7 @@ class ServeSettings:
             raw = environ.get(PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name in ("artifact", "model_tag", "variant", "device", "optimization", "batch_invariance", "choice"):
+            if f.name in ("artifact", "model_tag", "variant", "device", "optimization", "batch_invariance", "choice", "split"):
                 values[f.name] = raw
                 continue
             try:

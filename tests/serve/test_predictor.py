@@ -16,7 +16,7 @@ from ferry.errors import ArtifactError, ConfigError, FerryError
 from ferry.files import sha256_file
 from runtime import engines as engines_module
 from runtime.predictor import Runtime, length_groups, resolve_device
-from serve.settings import ServeSettings
+from serve.settings import ServeSettings, worker_split
 from tests.serve.conftest import ROOT, copy_artifact
 from tests.artifacts import write_manifest
 
@@ -228,6 +228,20 @@ def test_settings_round_trip_and_errors():
 
 
 # --- no PyTorch on the serving path ------------------------------------------------------------
+def test_workers_and_threads_per_device():
+    """CPU: a worker per physical core up to 4, the cores shared out as engine threads; GPU: 4
+    workers, the engine's own threads; whatever is given is kept."""
+    assert worker_split("cpu", None, None, cores=2)[:2] == (2, 1)
+    assert worker_split("cpu", None, None, cores=1)[:2] == (1, 1)
+    assert worker_split("cpu", None, None, cores=16)[:2] == (4, 4)
+    assert worker_split("cpu", 1, None, cores=8)[:2] == (1, 8)
+    assert worker_split("cpu", None, 3, cores=8)[:2] == (4, 3)
+    workers, threads, why = worker_split("cpu", 2, 2, cores=8)
+    assert (workers, threads, why) == (2, 2, "given")
+    assert worker_split("cuda", None, None, cores=16)[:2] == (4, None)
+    assert "2 workers x 1 engine thread" in worker_split("cpu", None, None, cores=2)[2]
+
+
 def test_the_serving_path_imports_no_torch(served_artifact):
     """Every module of runtime/ and serve/ imports with torch, transformers and optimum blocked, and pulls in no finetune/ or export/ module."""
     code = (
