@@ -527,7 +527,7 @@ def plot(path: Path, r: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="exit status: 0 every target holds, 1 one does not, 2 an error")
-    p.add_argument("--artifact", default="runs/pipeline-bbc/artifact", help="the artifact served (default: make demo's)")
+    p.add_argument("--artifact", default="runs/pipeline-bbc/artifact", help="the artifact served (make demo's output)")
     p.add_argument("--checkpoint", default=None,
                    help="PyTorch checkpoint of the plain service, whose tokenizer the near-free model uses (default: the artifact's source)")
     p.add_argument("--variant", default=None, help="variant ferry serve serves (default: the server chooses at start)")
