@@ -1,4 +1,4 @@
-"""The baseline of benchmarks/serve_vs_pytorch.py: a plain per-request PyTorch service.
+"""The baseline of benchmarks/serve_load.py: a plain per-request PyTorch service.
 
 A transformers ``pipeline`` behind a non-batched HTTP endpoint (Starlette on uvicorn):
 each request is classified on its own, one request at a time, the way a classifier is
