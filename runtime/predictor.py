@@ -75,11 +75,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def length_groups(lengths: Sequence[int], max_group: int | None = None, slack: float = PAD_SLACK) -> list[list[int]]:
+def length_groups(
+    lengths: Sequence[int], max_group: int | None = None, slack: float = PAD_SLACK, max_tokens: int | None = None,
+) -> list[list[int]]:
     """Indices grouped by token length: each group is padded to its own longest text.
 
-    Indices are sorted by length; a group closes when it holds ``max_group`` texts or
-    when padding it to the next text's length would exceed ``slack`` of its real tokens.
+    Indices are sorted by length; a group closes when it holds ``max_group`` texts, when
+    padding it to the next text's length would exceed ``slack`` of its real tokens, or when
+    its padded tokens would pass ``max_tokens`` (a text longer than that forms its own group).
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
@@ -89,7 +92,8 @@ def length_groups(lengths: Sequence[int], max_group: int | None = None, slack: f
         n = lengths[i]
         full = max_group is not None and len(current) >= max_group
         wasteful = current and n * (len(current) + 1) > (real + n) * (1 + slack)
-        if current and (full or wasteful):
+        over = max_tokens is not None and n * (len(current) + 1) > max_tokens
+        if current and (full or wasteful or over):
             groups.append(current)
             current, real = [], 0
         current.append(i)
@@ -283,6 +287,7 @@ class Runtime(VariantSession):
         threads: ONNX Runtime intra-op threads (None: one per physical core).
         optimization: graph optimization level (disable, basic, extended, all).
         max_group: most texts per inference call (None: no cap beyond length grouping).
+        max_tokens: most padded tokens per inference call (None: no budget); a longer text runs alone.
         available: the ONNX Runtime provider list, faked in tests.
         gpu_present: whether a GPU is present, faked in tests (None: look for one).
         session_factory: builds an ONNX Runtime session (tests pass a fake); defaults to runtime.engines.create_session.
@@ -303,6 +308,7 @@ class Runtime(VariantSession):
         threads: int | None = None,
         optimization: str = "all",
         max_group: int | None = None,
+        max_tokens: int | None = None,
         available: Sequence[str] | None = None,
         gpu_present: bool | None = None,
         session_factory: Callable[..., Any] | None = None,
@@ -314,6 +320,7 @@ class Runtime(VariantSession):
         self.threads = threads
         self.optimization = optimization
         self.max_group = max_group
+        self.max_tokens = max_tokens  # padded tokens per model batch (None: no budget)
         self.labels = self.artifact.labels
         self.max_length = self.artifact.max_length
         available = available_providers() if available is None else list(available)
@@ -453,7 +460,7 @@ class Runtime(VariantSession):
         encodings = self.encode(texts)
         lengths = [len(e.ids) for e in encodings]
         probs = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
-        groups = [[i] for i in range(len(texts))] if self.one_per_run else length_groups(lengths, self.max_group)
+        groups = [[i] for i in range(len(texts))] if self.one_per_run else length_groups(lengths, self.max_group, max_tokens=self.max_tokens)
         padded = 0
         for group in groups:
             feed = self._feed([encodings[i] for i in group])

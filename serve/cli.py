@@ -66,6 +66,13 @@ class ServeArgs:
         f"(default: {DEVICE_DEFAULTS['cpu']['max_latency_ms']} on CPU, {DEVICE_DEFAULTS['cuda']['max_latency_ms']} on GPU)",
         check=positive,
     )
+    max_batch_tokens: int | None = opt(
+        None,
+        "token budget of one model batch: the merged texts, sorted by length, run in groups whose padded tokens stay "
+        "within it (a longer text runs alone) "
+        f"(default: {DEVICE_DEFAULTS['cpu']['max_batch_tokens']} on CPU, {DEVICE_DEFAULTS['cuda']['max_batch_tokens']} on GPU)",
+        check=positive,
+    )
     max_texts: int = opt(256, "most texts in one request (more: 413)", check=positive)
     max_chars: int = opt(50_000, "most characters in one text (more: 413); texts over max_length tokens are truncated", check=positive)
     max_images: int = opt(64, "image artifacts: most images in one /classify-image request (more: 413)", check=positive)
@@ -220,6 +227,7 @@ def serve(args: ServeArgs) -> int:
         split=split,
         max_batch_size=args.max_batch_size,
         max_latency_ms=args.max_latency_ms,
+        max_batch_tokens=args.max_batch_tokens,
         max_texts=args.max_texts,
         max_chars=args.max_chars,
         max_images=args.max_images,
@@ -230,6 +238,7 @@ def serve(args: ServeArgs) -> int:
         batch_invariance=args.batch_invariance,
     )
     batch, latency = settings.batching(runtime.device)
+    tokens = settings.batch_tokens(runtime.device)
     print(f"ferry serve: {runtime.describe()}", file=sys.stderr)
     del runtime
     check_port(args.host, args.port)
@@ -239,7 +248,7 @@ def serve(args: ServeArgs) -> int:
         print(f"ferry serve: registered the artifact as {settings.model_tag}; serving it from the model store", file=sys.stderr)
     print(
         f"ferry serve: http://{args.host}:{args.port} (POST {'/classify-image' if image else '/classify'}, GET /info, /readyz, /metrics), "
-        f"max_batch_size={batch}, max_latency_ms={latency}, workers={workers} x threads {threads or 'auto'} ({split}); Ctrl-C stops it",
+        f"max_batch_size={batch}, max_batch_tokens={tokens}, max_latency_ms={latency}, workers={workers} x threads {threads or 'auto'} ({split}); Ctrl-C stops it",
         file=sys.stderr,
     )
     return run_server(settings, args.host, args.port)

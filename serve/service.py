@@ -73,6 +73,7 @@ except FerryError as e:  # a bad FERRY_* variable (FERRY_DEVICE=gpu, ...): one l
     print(f"ferry: refusing to start: {str(e).replace('--device', 'FERRY_DEVICE')}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None
 MAX_BATCH_SIZE, MAX_LATENCY_MS = SETTINGS.batching(DEVICE)
+MAX_BATCH_TOKENS = SETTINGS.batch_tokens(DEVICE)
 WORKERS, THREADS, SPLIT = worker_split(DEVICE, SETTINGS.workers, SETTINGS.threads)
 SPLIT = SETTINGS.split or SPLIT
 BODY_CAPS = SETTINGS.body_caps()
@@ -324,6 +325,7 @@ async def info(request: Request) -> JSONResponse:
     body["model"]["store_tag"] = svc.model_tag
     body["serving"] = {
         "max_batch_size": MAX_BATCH_SIZE,
+        "max_batch_tokens": MAX_BATCH_TOKENS,
         "max_latency_ms": MAX_LATENCY_MS,
         "max_texts": SETTINGS.max_texts,
         "max_chars": SETTINGS.max_chars,
@@ -391,6 +393,7 @@ class Ferry:
             from serve.image import ImageRuntime
 
             image = check_valid_artifact_dir(path).task == "image-classification"
+            extra = {} if image else {"max_tokens": MAX_BATCH_TOKENS}
             self.runtime = (ImageRuntime if image else Runtime)(
                 path,
                 variant=SETTINGS.variant,
@@ -399,6 +402,7 @@ class Ferry:
                 optimization=SETTINGS.optimization,
                 max_group=MAX_BATCH_SIZE,
                 enforce_invariance=SETTINGS.batch_invariance == "enforce",
+                **extra,
             )
         except FerryError as e:
             stop_server(f"refusing to start: {e}")
@@ -408,7 +412,7 @@ class Ferry:
             for line in self.runtime.choice.log_lines():
                 log.info(line)
         log.info(self.runtime.describe())
-        log.info("adaptive batching: max_batch_size=%d texts, max_latency_ms=%d", MAX_BATCH_SIZE, MAX_LATENCY_MS)
+        log.info("adaptive batching: max_batch_size=%d texts, max_batch_tokens=%d, max_latency_ms=%d", MAX_BATCH_SIZE, MAX_BATCH_TOKENS, MAX_LATENCY_MS)
         # Warm up off the event loop: /livez answers at once, /readyz only after it (in every worker).
         threading.Thread(target=self._warm_up, name="ferry-warm-up", daemon=True).start()
 

@@ -20,9 +20,12 @@ DEFAULT_TAG = f"{DEFAULT_MODEL}:latest"
 BATCH_INVARIANCE = ("enforce", "variant")
 BODY_SLACK = 65_536
 # BentoML's dispatcher (max_batch_size is counted in texts) and the refusal budget per device.
+# max_batch_tokens: the padded tokens of one model batch (benchmarks/batch_tokens.py measures
+# where a bigger batch stops paying). CPU: MEASURED_BELOW. GPU: text-embeddings-inference's
+# default (16,384), not measured here.
 DEVICE_DEFAULTS = {
-    "cpu": {"max_batch_size": 32, "max_latency_ms": 10_000},
-    "cuda": {"max_batch_size": 128, "max_latency_ms": 2_000},
+    "cpu": {"max_batch_size": 32, "max_latency_ms": 10_000, "max_batch_tokens": 4096},
+    "cuda": {"max_batch_size": 128, "max_latency_ms": 2_000, "max_batch_tokens": 16_384},
 }
 # Worker processes on GPU: one process's HTTP and tokenizing work, not the model, is the limit
 # (H100, demo fp16 artifact, 64 concurrent clients: 325 req/s with 1 worker, 883 with 4).
@@ -74,6 +77,7 @@ class ServeSettings:
     split: str | None = None  # why that many workers and threads (`ferry serve` decides; /info reports it)
     max_batch_size: int | None = None  # None: the device's default
     max_latency_ms: int | None = None
+    max_batch_tokens: int | None = None
     max_texts: int = 256
     max_chars: int = 50_000
     max_images: int = 64  # images per /classify-image request
@@ -138,6 +142,10 @@ class ServeSettings:
             "/classify": self.max_texts * self.max_chars * 6 + BODY_SLACK,
             "/classify-image": self.max_images * (b64 * 80 // 76 + 1024) + BODY_SLACK,
         }
+
+    def batch_tokens(self, device: str) -> int:
+        """The token budget of one model batch for a resolved device ("cpu" or "cuda")."""
+        return self.max_batch_tokens or DEVICE_DEFAULTS["cuda" if device == "cuda" else "cpu"]["max_batch_tokens"]
 
     def batching(self, device: str) -> tuple[int, int]:
         """(max_batch_size, max_latency_ms) for a resolved device ("cpu" or "cuda")."""

@@ -37,6 +37,70 @@ def test_length_groups_pad_each_group_to_its_own_longest_text():
     assert sorted(i for g in length_groups([3, 9, 1, 40, 2, 2, 17]) for i in g) == list(range(7))
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_token_budget_groups_never_pass_the_budget(seed):
+    """Random lengths and budgets: every group's padded tokens (texts x its longest) stay within the
+    budget unless the group is one text longer than the budget; every index appears exactly once."""
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in rng.integers(1, 300, size=int(rng.integers(1, 80)))]
+    budget = int(rng.integers(16, 2048))
+    groups = length_groups(lengths, max_group=32, max_tokens=budget)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        padded = len(g) * max(lengths[i] for i in g)
+        assert padded <= budget or len(g) == 1, (g, padded, budget)
+        assert len(g) <= 32
+
+
+def test_a_text_longer_than_the_token_budget_is_still_served():
+    assert length_groups([10, 500, 12], max_tokens=64) == [[0, 2], [1]]
+
+
+class FakeTokenizer:
+    """A text's tokens are its words (ids = word lengths); no overflow."""
+
+    class Encoding:
+        def __init__(self, text):
+            self.ids = [len(w) for w in text.split()]
+            self.type_ids = [0] * len(self.ids)
+            self.overflowing = []
+
+    def encode_batch(self, texts):
+        return [self.Encoding(t) for t in texts]
+
+
+class FakeEngine:
+    """Logits from each row's real tokens only (so padding cannot change an answer); records the feeds."""
+
+    input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self):
+        self.feeds = []
+
+    def run(self, feed):
+        self.feeds.append(feed["input_ids"].shape)
+        ids, mask = feed["input_ids"], feed["attention_mask"]
+        real = (ids * mask).sum(axis=1)
+        return np.stack([real % 3, real % 5, mask.sum(axis=1)], axis=1).astype(np.float32)
+
+
+def test_the_token_budget_batcher_restores_order_on_a_fake_engine():
+    """Texts of mixed lengths through Runtime.run_batch with a budget: no engine call passes it (but
+    the one text longer than it, alone), and each text's answer sits at its own index, equal to its
+    answer alone."""
+    rt = Runtime.__new__(Runtime)
+    rt.tokenizer, rt.engine, rt.labels, rt.pad_id = FakeTokenizer(), FakeEngine(), ["a", "b", "c"], 0
+    rt.input_names, rt.one_per_run, rt.max_group, rt.max_tokens = FakeEngine.input_names, False, 32, 24
+    rng = np.random.default_rng(1)
+    texts = [" ".join("w" * int(rng.integers(1, 9)) for _ in range(int(rng.integers(1, 12)))) for _ in range(40)]
+    texts.append(" ".join(["word"] * 30))  # 30 tokens: over the budget of 24, alone
+    batched = rt.run_batch(texts)
+    assert all(n * width <= 24 or n == 1 for n, width in rt.engine.feeds)
+    assert (1, 30) in rt.engine.feeds and batched.runs == len(rt.engine.feeds) > 2
+    alone = np.concatenate([rt.run_batch([t]).probs for t in texts])
+    np.testing.assert_allclose(batched.probs, alone)
+
+
 def test_batched_answers_equal_answers_alone_in_input_order(served_artifact):
     rt = Runtime(served_artifact, variant="fp32", device="cpu")
     batch = rt.run_batch(TEXTS)
