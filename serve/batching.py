@@ -17,7 +17,10 @@ refuses or delays work where there is no overload; each case has its counter her
    refused with 503: real overload. A request is then refused only after waiting its
    budget, and one let in takes at most about two batches more.
 3. After a burst it holds every lone request open for the burst's queueing delay
-   (:func:`cap_cork_wait`).
+   (``cap_cork_wait`` in serve/bento_batcher.py, with ferry's other reaches into BentoML).
+
+Nothing here touches BentoML: the gate and the chunks are plain asyncio around whatever
+callable runs a batch.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 from typing import Any, Awaitable, Callable
-
-MIN_CORK_S = 0.001
 
 
 class Overloaded(Exception):
@@ -111,24 +112,3 @@ async def in_chunks(
         finally:
             gate.leave(len(chunk))
     return out
-
-
-def cap_cork_wait(optimizer: Any) -> None:
-    """Bound how long BentoML's dispatcher holds a lone request open for others to join.
-
-    The dispatcher learns that hold time (``optimizer.wait``) from the waits of past
-    batches, queueing behind the running batch included. After a burst it has learned
-    the burst's queueing delay (seconds on CPU), and it then holds every request on an
-    idle server that long, unlearning it by 5% per 5 s. Capped at the dispatcher's own
-    estimate of a batch's fixed cost (``o_b``): waiting longer than a separate batch
-    would cost never pays. Under load nothing changes: requests queue while a batch
-    runs and the next batch takes them all.
-    """
-    refresh = optimizer.trigger_refresh
-
-    def refresh_capped() -> None:
-        refresh()
-        optimizer.wait = min(optimizer.wait, max(optimizer.o_b, MIN_CORK_S))
-
-    optimizer.trigger_refresh = refresh_capped
-    optimizer.wait = min(optimizer.wait, max(optimizer.o_b, MIN_CORK_S))

@@ -1,9 +1,9 @@
 """`ferry serve` and `ferry store`: run the BentoML service on an artifact, or register it in the model store.
 
-`ferry serve` checks everything it can before any server starts (the artifact, the
-variant, the model file's sha256, the ONNX session, the tokenizer, the port), then runs
-``bentoml serve serve.service:Ferry`` as a child process configured through ``FERRY_*``
-environment variables, and stops it cleanly on Ctrl-C.
+`ferry serve` checks everything it can before any server starts (the BentoML version, the
+artifact, the variant, the model file's sha256, the ONNX session, the tokenizer, the port),
+then runs ``bentoml serve serve.service:Ferry`` as a child process configured through
+``FERRY_*`` environment variables, and stops it cleanly on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -196,6 +196,9 @@ def serve(args: ServeArgs) -> int:
     if args.artifact is None:
         raise ConfigError("ARTIFACT is required")
     # Everything a worker will do at start, done here first, so bad input is one line and no server.
+    from serve.bento_batcher import check_bentoml
+
+    check_bentoml()  # a BentoML whose internals ferry does not know: one line, not a server that fails
     from runtime.artifact import check_valid_artifact_dir
     from serve.image import ImageRuntime
 

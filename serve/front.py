@@ -5,29 +5,26 @@ request path, so requests to random paths add label sets to ``/metrics`` without
 serves every ``@bentoml.api`` endpoint over HTTP, the batchable ones included. ferry's batchable
 endpoints (``/batch``, ``/batch-image``) are internal: ``/classify`` and ``/classify-image``
 validate a request, cap its body and admit it through the gate (serve/batching.py), then call the
-endpoint's adaptive batcher in process (``serve.service._endpoint``), never over HTTP. Reached
-directly, they would skip all of that and one malformed call would fail every request merged
-into its batch.
+endpoint's adaptive batcher in process (``serve.bento_batcher.batchable_endpoint``), never over
+HTTP. Reached directly, they would skip all of that and one malformed call would fail every
+request merged into its batch.
 
-So :class:`Front` wraps the app BentoML builds (installed by :func:`install`, around
-``Service.to_asgi``, the call BentoML's worker makes) and answers, before any BentoML middleware
-sees the request:
+So :class:`Front` wraps the app BentoML builds (installed around ``Service.to_asgi``, the call
+BentoML's worker makes, by ``wrap_asgi`` in serve/bento_batcher.py) and answers, before any
+BentoML middleware sees the request:
 
 - 404 (one-line JSON) for a path that is not a route of the app, and for the internal routes;
 - 405 (JSON, with ``Allow``) for a known path asked with a method it does not take.
 
 Those answers are counted in one unlabelled counter, ``ferry_unrouted_requests_total``.
 
-:func:`cancel_timeout_timers` fixes a second cost of BentoML's HTTP layer: its
-``TimeoutMiddleware`` schedules a timer per request (``loop.call_later(timeout, ...)``) and never
-cancels it, so each request's timer, with the context it captured, stays in memory for the
-whole timeout (120 s by default) after the answer: about 5 KB a request, 600 MB at 1,000
-requests/s. The patched middleware cancels the timer once the request is done.
+Nothing here touches BentoML's internals: :class:`Front` is plain ASGI around a Starlette app;
+the patches that put it in place, and the fix to BentoML's timeout middleware, are in
+serve/bento_batcher.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any, Iterable
 
@@ -99,57 +96,3 @@ class Front:
                                     status_code=405, headers={"allow": allow})
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
-
-
-def install(service: Any, public: str) -> None:
-    """Wrap what ``service.to_asgi()`` returns in :class:`Front`; the batchable endpoints' routes become internal."""
-    cls = type(service)
-    original = cls.to_asgi
-    if getattr(original, "__ferry_front__", False):
-        return
-
-    def to_asgi(self: Any, *args: Any, **kwargs: Any) -> Any:
-        app = original(self, *args, **kwargs)
-        if self is not service:
-            return app
-        internal = [m.route for m in self.apis.values() if m.batchable]
-        return Front(app, internal, public)
-
-    to_asgi.__ferry_front__ = True  # type: ignore[attr-defined]
-    cls.to_asgi = to_asgi
-
-
-def cancel_timeout_timers() -> None:
-    """BentoML 1.4's ``TimeoutMiddleware.__call__``, the same but for a timer cancelled once the request is done."""
-    from bentoml._internal.server.http.traffic import TimeoutMiddleware
-
-    if getattr(TimeoutMiddleware.__call__, "__ferry_patched__", False):
-        return
-
-    async def call(self: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
-
-        async def _send(message: Any) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-            await send(message)
-
-        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
-        try:
-            try:
-                await waiter
-            except asyncio.TimeoutError:
-                if fut.cancel():
-                    response = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"}, status_code=504)
-                    await response(scope, receive, send)
-            else:
-                await fut
-        finally:
-            timer.cancel()
-
-    call.__ferry_patched__ = True  # type: ignore[attr-defined]
-    TimeoutMiddleware.__call__ = call

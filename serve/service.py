@@ -15,6 +15,10 @@ The batchable endpoints ``batch`` and ``batch_image`` (BentoML's adaptive batche
 texts or images of concurrent requests into one list) are internal: serve/front.py answers 404
 to them over HTTP, as to any path that is not a route, before BentoML's metrics label it.
 
+Where ferry reaches into BentoML's internals (the batcher called in process, the cork cap, the
+wrap around the app, the timeout timers), it does so in serve/bento_batcher.py, which checks
+the installed BentoML at the import of this module and refuses one it does not know.
+
 Bodies are capped per endpoint by what its largest valid request needs
 (``ServeSettings.body_caps``) and parsed as they are checked (serve/body.py). Whatever goes
 wrong past validation is a one-line JSON 5xx naming the cause, never a bare 500: an inference
@@ -28,7 +32,8 @@ batches, so per-request caps and errors must be checked before batching.
 Why the texts go in sequential chunks through a gate: left alone, BentoML's dispatcher
 answers 503 "process is overloaded" to a 256-text request on an idle server, and to the
 oldest requests of a burst it could serve within max_latency_ms; serve/batching.py says
-why and how /classify avoids both, so that 503 means real overload.
+why and how /classify avoids both (and serve/bento_batcher.py how it caps the dispatcher's
+hold on a lone request), so that 503 means real overload.
 
 Configured through ``FERRY_*`` environment variables (serve/settings.py), set by
 `ferry serve`; without ``FERRY_ARTIFACT`` the model comes from the BentoML model store
@@ -37,7 +42,6 @@ Configured through ``FERRY_*`` environment variables (serve/settings.py), set by
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -57,8 +61,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ferry.errors import FerryError
-from serve import front
-from serve.batching import Overloaded, TextGate, cap_cork_wait, in_chunks
+from serve import bento_batcher, front
+from serve.batching import Overloaded, TextGate, in_chunks
 from serve.body import WHOLE_BYTES, RequestError, Scalar, Strings, json_problem, parse_object, read_body
 from serve.readiness import SharedReadiness
 from runtime.predictor import Runtime, check_startup, resolve_device
@@ -67,6 +71,7 @@ from serve.settings import ServeSettings, worker_split
 log = logging.getLogger("bentoml.ferry")  # BentoML configures the "bentoml" logger in its workers
 
 try:
+    bento_batcher.check_bentoml()  # before anything reaches into BentoML's internals
     SETTINGS = ServeSettings.from_env()
     DEVICE = resolve_device(SETTINGS.device)
 except FerryError as e:  # a bad FERRY_* variable (FERRY_DEVICE=gpu, ...): one line, not a traceback from BentoML's loader
@@ -193,31 +198,23 @@ def _kind(value: Any) -> str:
 
 def _endpoint(request: Request, name: str) -> Callable[..., Awaitable[Any]]:
     """The adaptive batcher of the batchable endpoint ``name``, found once through the app's router
-    (see :func:`batcher`); the first one found also makes the gate."""
+    (serve/bento_batcher.py; see :func:`batcher`); the first one found also makes the gate."""
     global _gate
     if name not in _infer:
-        for route in getattr(request.scope.get("router"), "routes", []):
-            factory = getattr(getattr(getattr(route, "endpoint", None), "func", None), "__self__", None)
-            if getattr(route, "name", None) == name and hasattr(factory, "batch_infer"):
-                _infer[name] = functools.partial(factory.batch_infer, name)
-                if name in getattr(factory, "dispatchers", {}):
-                    cap_cork_wait(factory.dispatchers[name].optimizer)
-                _gate = _gate or TextGate(2 * MAX_BATCH_SIZE)  # one batch running, one forming
-                break
-        else:
-            raise RuntimeError(f"BentoML's {name} endpoint was not found in the app's routes; is bentoml < 1.5?")
+        infer, dispatcher = bento_batcher.batchable_endpoint(request.scope, name)
+        if dispatcher is not None:
+            bento_batcher.cap_cork_wait(dispatcher)
+        _infer[name] = infer
+        _gate = _gate or TextGate(2 * MAX_BATCH_SIZE)  # one batch running, one forming
     return _infer[name]
 
 
 def batcher(request: Request) -> Callable[[list[str]], Awaitable[list[dict[str, Any]]]]:
     """The batchable endpoint's adaptive batcher, called in process.
 
-    BentoML's own way to call an endpoint from inside the service (``self.to_async``)
-    goes through an aiohttp session that BentoML closes and replaces every 100 requests,
-    failing the requests still in flight on it; and it serializes every call to JSON. So
-    /classify feeds the dispatcher BentoML built for the batchable endpoint (one queue, one
-    batching policy, BentoML's adaptive-batch-size metric included), found through the app's
-    router; that endpoint's own HTTP route is closed (serve/front.py).
+    Not ``self.to_async``, BentoML's own way: serve/bento_batcher.py's ``batchable_endpoint``
+    says why, and how the dispatcher BentoML built for the batchable endpoint is found through
+    the app's router; that endpoint's own HTTP route is closed (serve/front.py).
     """
     infer = _endpoint(request, "batch")
     return lambda texts: infer((texts,), {})
@@ -511,5 +508,5 @@ def stop_server(reason: str) -> NoReturn:
 
 
 _readiness = SharedReadiness(WORKERS)
-front.install(Ferry, PUBLIC)
-front.cancel_timeout_timers()
+bento_batcher.wrap_asgi(Ferry, lambda app, internal: front.Front(app, internal, PUBLIC))
+bento_batcher.cancel_timeout_timers()

@@ -46,42 +46,7 @@ def test_in_chunks_gets_every_answer_in_order_on_the_same_dispatcher():
     assert asyncio.run(scenario()) == [f"answer:t{i}" for i in range(256)]
 
 
-def _lone_latency_after_burst(capped: bool) -> float:
-    """Train the dispatcher, queue a burst behind running batches, then time one lone request."""
-    import time
-
-    from serve.batching import cap_cork_wait
-
-    async def model_(jobs):
-        await asyncio.sleep(0.04 + 0.002 * sum(len(j) for j in jobs))
-        return [list(j) for j in jobs]
-
-    async def scenario():
-        d = CorkDispatcher(max_latency_in_ms=60_000, max_batch_size=8, fallback=lambda: None, get_batch_size=len, batch_dim=(0, 0))
-        run = d(model_)
-        if capped:
-            cap_cork_wait(d.optimizer)
-        for i in range(12):  # BentoML's warm-up/training calls
-            await run([f"w{i}"])
-        for _ in range(3):  # bursts: each job waits behind the batches before it
-            await asyncio.gather(*(run([f"b{i}"]) for i in range(64)))
-        d.optimizer.trigger_refresh()  # what the dispatcher does every 5 s, without waiting for it
-        assert d.optimizer.wait > 0.1 or capped
-        await asyncio.sleep(0.05)
-        t0 = time.perf_counter()
-        await run(["alone"])
-        return time.perf_counter() - t0
-
-    return asyncio.run(scenario())
-
-
-@pytest.mark.slow
-def test_a_lone_request_after_a_burst_is_not_held_for_the_bursts_queueing_delay():
-    uncapped, capped = _lone_latency_after_burst(False), _lone_latency_after_burst(True)
-    # BentoML alone holds it open for the >100 ms it learned during the bursts, then runs it (~42 ms);
-    # capped, it waits at most the dispatcher's estimate of a batch's fixed cost (~40 ms)
-    assert uncapped > 0.14
-    assert capped < uncapped - 0.04
+# The cork cap (serve/bento_batcher.py) is tested in test_bento_batcher.py.
 
 
 # --- the gate: two batches' worth of texts inside the dispatcher, the rest wait in order ---------
