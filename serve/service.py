@@ -365,6 +365,8 @@ routes = Starlette(routes=[
     # BentoML divides max_concurrency among the workers: each worker holds SETTINGS.max_concurrency.
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency * WORKERS},
     labels={"project": "ferry"},
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": ["/classify", "/classify-image", "/info", "/livez", "/readyz", "/metrics"]},
 )
 @bentoml.asgi_app(routes, path="/")
 class Ferry:
