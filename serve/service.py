@@ -510,5 +510,6 @@ def stop_server(reason: str) -> NoReturn:
 
 
 _readiness = SharedReadiness(WORKERS)
-bento_batcher.wrap_asgi(Ferry, lambda app, internal: front.Front(app, internal, PUBLIC))
+bento_batcher.wrap_asgi(Ferry, lambda app, internal: front.Front(
+    app, internal, PUBLIC, fast={"/classify": classify}, max_concurrency=SETTINGS.max_concurrency, timeout_s=SETTINGS.timeout_s))
 bento_batcher.cancel_timeout_timers()
