@@ -48,17 +48,20 @@ def json_problem(e: ValueError) -> str:
     return type(e).__name__
 
 
+def too_big(cap: int) -> RequestError:
+    return RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over the limit of {cap} bytes for this endpoint")
+
+
 async def read_body(request: Any, cap: int) -> bytes:
     """The body, refused with 413 past ``cap`` bytes without reading the rest of it."""
     length = request.headers.get("content-length")
-    too_big = RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over the limit of {cap} bytes for this endpoint")
     if length and length.isdigit() and int(length) > cap:
-        raise too_big
+        raise too_big(cap)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > cap:
-            raise too_big
+            raise too_big(cap)
         chunks.append(chunk)
     return b"".join(chunks)
 
