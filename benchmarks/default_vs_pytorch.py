@@ -48,7 +48,7 @@ def main() -> int:
         TWIN, BenchArgs, add_speedups, baseline_checks, busy_note, isa_text, jobs_for, machine_info, plan_engines, pytorch_source, run_grid,
         standalone_twin, start_workers, text_grid,
     )
-    from export.export import quiet_libraries
+    from export.writer import quiet_libraries
     from export.parity import default_threads, markdown_table, text_table
     from ferry.files import library_versions
     from runtime.artifact import check_valid_artifact_dir

@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from runtime.artifact import check_valid_artifact_dir
+from ferry.tasks import IMAGE_TASK
 from ferry.config import opt, positive, to_dict
 from ferry.errors import CheckpointError, ConfigError, FerryError
 from ferry.files import atomic_dir, check_output_dir, library_versions, now_iso, sha256_file, write_json
@@ -352,7 +353,7 @@ def load_pytorch(spec: EngineSpec, artifact: str, checkpoint: str | None, thread
     """The PyTorch engine of ``spec`` on the artifact's source checkpoint (run inside its worker)."""
     import torch
 
-    from export.parity import load_artifact_source
+    from export.verify import load_artifact_source
 
     torch.set_num_threads(threads)
     _, model, _, _ = load_artifact_source(check_valid_artifact_dir(artifact), checkpoint, " or --no-pytorch (no speedups then)")
@@ -1264,13 +1265,13 @@ def bench(args: BenchArgs) -> int:
         return 0
     if not args.artifact:
         raise ConfigError("ARTIFACT is required (or --compare A.json B.json)")
-    from export.export import quiet_libraries
+    from export.writer import quiet_libraries
     from export.parity import default_threads, text_table
     from runtime.engines import cuda_usable
 
     started = time.perf_counter()
     artifact = check_valid_artifact_dir(args.artifact)
-    image = artifact.task == "image-classification"
+    image = artifact.task == IMAGE_TASK
     if image and args.texts:
         raise ConfigError(f"--texts: {artifact.path} is an image-classification artifact; pass --images DIR (a <label>/<image> folder)")
     if args.images and not image:

@@ -21,30 +21,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from export import ensemble, quantize
 from export.ensemble import COMBINE
-from runtime.artifact import FAIL, PASS, STAGE, UNVERIFIED, VARIANT_FILES, VARIANTS, seal
-from export.parity import GateArgs, default_threads, load_labelled_data, parity_table, pytorch_accuracy, run_parity, usable_length
-from ferry.config import opt, positive, to_dict
+from runtime.artifact import FAIL, STAGE, VARIANT_FILES, VARIANTS, seal
+from export.parity import GateArgs, default_threads, load_labelled_data, pytorch_accuracy, run_parity, usable_length
+from export.writer import NEEDS, choose_defaults, graph_info, manifest_common, quiet_libraries, step, summarize, variant_entry
+from ferry.tasks import IMAGE_TASK, TEXT_TASK
+from ferry.config import opt, positive
 from ferry.errors import CheckpointError, ConfigError, DataError, FerryError
-from ferry.files import MANIFEST, atomic_dir, check_output_dir, library_versions, now_iso, sha256_file, write_json
-from runtime.hardware import read_cpu
+from ferry.files import MANIFEST, atomic_dir, check_output_dir, sha256_file, write_json
 
-TASK = "text-classification"
+TASK = TEXT_TASK
 CPU_LEVELS = ("O0", "O1", "O2", "O3")
-# The default CPU variant must be batch-invariant: these, in order, when they pass.
-CPU_DEFAULT_ORDER = ("int8-static", "fp32")
 VERSIONS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime", "openvino", "numpy")
-# A variant that runs another variant's file needs that variant made (its file and its quantization).
-NEEDS = {"openvino-int8-static": "int8-static"}
 # Held-out texts whose PyTorch logits the artifact keeps, so `ferry serve` can re-check a
 # variant on the machine it runs on (kernels differ between CPUs), at this many tokens.
 REFERENCE_TEXTS = 256
@@ -87,26 +82,6 @@ def default_variants(calibration: bool, openvino: bool) -> list[str]:
     if openvino:
         names += ["openvino-fp32", "openvino-bf16"]
     return names
-
-
-def quiet_libraries() -> None:
-    """Silence the exporters' warnings and info logs: ferry reports what matters itself."""
-    warnings.filterwarnings("ignore")
-    for name in ("transformers", "optimum", "onnxruntime", "torch.onnx", "root"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
-    try:
-        import onnxruntime
-
-        onnxruntime.set_default_logger_severity(3)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def supported_model_types() -> list[str]:
@@ -172,11 +147,6 @@ def calibration_texts(args: ExportArgs, ckpt: Any) -> list[str]:
     else:
         raise DataError(f"{ckpt.path}: no calibration.jsonl for int8-static; pass --calibration FILE with training texts")
     return texts[: args.calibration_samples]
-
-
-def _step(args: ExportArgs, text: str) -> None:
-    if not args.quiet:
-        print(text, file=sys.stderr, flush=True)
 
 
 def onnx_export(ckpt: Any, work: Path, opset: int | None) -> Path:
@@ -282,37 +252,6 @@ def place(src: Path, dst: Path) -> dict[str, Any]:
     return {"external_data": {"file": data.name, "sha256": sha256_file(data), "bytes": data.stat().st_size}}
 
 
-def graph_info(path: Path) -> tuple[int, list[str], list[str]]:
-    """(opset, input names, output names) of an ONNX file."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return int(opset), [i.name for i in model.graph.input], [o.name for o in model.graph.output]
-
-
-def variant_entry(name: str, path: Path, res: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """One variant's manifest block: its file, engine and precision, and its parity verdict."""
-    spec = VARIANTS[name]
-    inv = res.get("batch_invariance")
-    provider = {"openvino": "OpenVINO CPU"}.get(spec.engine) or (
-        ("TensorrtExecutionProvider" if name.endswith("-tensorrt") else "CUDAExecutionProvider") if spec.device == "cuda" else "CPUExecutionProvider")
-    return {
-        "file": path.name,
-        "sha256": sha256_file(path),
-        "bytes": quantize.model_bytes(path),
-        "engine": spec.engine,
-        "precision": spec.precision,
-        "device": spec.device,
-        "provider": provider,
-        "batch_invariant": None if inv is None else bool(inv["invariant"]),
-        "status": res["status"],
-        "graph_ops": quantize.op_counts(path),
-        **extra,
-        "parity": res,
-    }
-
-
 def write_reference(path: Path, model: Any, tokenizer: Any, labelled: Any, tokens: int, input_names: Sequence[str]) -> dict[str, Any]:
     """PyTorch's logits on up to :data:`REFERENCE_TEXTS` held-out texts cut at ``tokens``, with
     their token ids, written as JSON lines; `ferry serve` re-checks variants against them."""
@@ -331,44 +270,6 @@ def write_reference(path: Path, model: Any, tokenizer: Any, labelled: Any, token
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return {"file": path.name, "sha256": sha256_file(path), "texts": len(rows), "max_tokens": tokens,
             "source": labelled.source, "model": "PyTorch fp32 (the export's reference)"}
-
-
-def manifest_common(args: Any, variants: dict[str, dict[str, Any]], defaults: dict[str, str | None], isa: str,
-                    timings: dict[str, float], versions: Sequence[str]) -> dict[str, Any]:
-    """The artifact manifest's fields that text and image exports share: the variants, the
-    defaults and how they were picked, settings, timings, library versions, time."""
-    return {
-        "variants": variants,
-        "default_variant": defaults,
-        "default_variant_rule": {
-            "cpu": "forced by --cpu-default" if args.cpu_default else "first passing, batch-invariant variant among " + ", ".join(CPU_DEFAULT_ORDER),
-            "gpu": "fp16 unless it failed, else fp32",
-        },
-        "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
-        "machine": read_cpu().as_dict(),
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "versions": library_versions(*versions),
-        "created": now_iso(),
-    }
-
-
-def choose_defaults(variants: dict[str, dict[str, Any]], forced_cpu: str | None) -> dict[str, str | None]:
-    """The default variant for CPU (batch-invariant and passing) and for GPU (fp16 unless it failed)."""
-    cpu = None
-    if forced_cpu:
-        cpu = forced_cpu
-    else:
-        for name in CPU_DEFAULT_ORDER:
-            info = variants.get(name)
-            if info and info["status"] == PASS and info.get("batch_invariant"):
-                cpu = name
-                break
-    gpu = None
-    if "fp16" in variants and variants["fp16"]["status"] != FAIL:
-        gpu = "fp16"
-    elif variants.get("fp32", {}).get("status") == PASS:
-        gpu = "fp32"
-    return {"cpu": cpu, "gpu": gpu}
 
 
 def export(args: ExportArgs) -> int:
@@ -413,7 +314,7 @@ def export(args: ExportArgs) -> int:
         variants = default_variants(bool(args.calibration) or ckpt.calibration is not None, engine_installed(OPENVINO))
         if args.cpu_default and args.cpu_default not in variants:
             raise ConfigError([f"--cpu-default {args.cpu_default} is not among the default variants ({', '.join(variants)}); add --variants"])
-    if not args.ensemble and ckpt.task == "image-classification":
+    if not args.ensemble and ckpt.task == IMAGE_TASK:
         from export.image import export_image
 
         check_writable(output)
@@ -447,25 +348,25 @@ def export(args: ExportArgs) -> int:
             member_opt = []
             export_s = 0.0
             for i, m in enumerate(members):
-                _step(args, f"[1/4] exporting member {i + 1}/{len(members)} {m.path} ({m.model_type}) to ONNX and optimizing it ({args.optimization})")
+                step(args, f"[1/4] exporting member {i + 1}/{len(members)} {m.path} ({m.model_type}) to ONNX and optimizing it ({args.optimization})")
                 t_member = time.perf_counter()
                 onnx_export(m, work / f"m{i}" / "raw", args.opset)
                 export_s += time.perf_counter() - t_member
                 member_opt.append(optimize(work / f"m{i}" / "raw", work / f"m{i}" / "opt", args.optimization, m.model_type))
             timings["export_s"] = export_s
             t += export_s  # optimize_s: the members' optimization and the composition
-            _step(args, f"[2/4] composing the ensemble graph ({args.combine})")
+            step(args, f"[2/4] composing the ensemble graph ({args.combine})")
             graph = ensemble.compose([work / f"m{i}" / "opt" / "model.onnx" for i in range(len(members))], work / "opt" / "model.onnx", args.combine, weights, len(labels))
             raw_dir = work / "m0" / "raw"
             opt_info = {"level": args.optimization, "members": member_opt, "ensemble": graph}
             opset, inputs, outputs = graph_info(work / "opt" / "model.onnx")
         else:
-            _step(args, f"[1/4] exporting {ckpt.path} ({ckpt.model_type}) to ONNX")
+            step(args, f"[1/4] exporting {ckpt.path} ({ckpt.model_type}) to ONNX")
             raw_dir = work / "raw"
             opset, inputs, outputs = graph_info(onnx_export(ckpt, raw_dir, args.opset))
             timings["export_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            _step(args, f"[2/4] optimizing the graph ({args.optimization})")
+            step(args, f"[2/4] optimizing the graph ({args.optimization})")
             opt_info = optimize(raw_dir, work / "opt", args.optimization, ckpt.model_type)
         entries: dict[str, dict[str, Any]] = {}
         fp32 = staging / VARIANT_FILES["fp32"]
@@ -475,7 +376,7 @@ def export(args: ExportArgs) -> int:
 
         # 4. Variants.
         t = time.perf_counter()
-        _step(args, f"[3/4] making variants: {', '.join(variants)} (int8 for {isa})")
+        step(args, f"[3/4] making variants: {', '.join(variants)} (int8 for {isa})")
         if "int8" in variants:
             dst = staging / VARIANT_FILES["int8"]
             entries["int8"] = {"optimization": opt_info, "quantization": quantize.quantize_dynamic_int8(fp32, work / "int8.onnx", isa)}
@@ -528,7 +429,7 @@ def export(args: ExportArgs) -> int:
 
         # 5. Parity.
         t = time.perf_counter()
-        _step(args, "[4/4] parity with PyTorch" + (f" on {labelled.source} ({len(labelled.texts)} texts)" if labelled else " (no labelled data)"))
+        step(args, "[4/4] parity with PyTorch" + (f" on {labelled.source} ({len(labelled.texts)} texts)" if labelled else " (no labelled data)"))
         order = [v for v in VARIANTS if v in variants]
         paths = {name: staging / VARIANT_FILES[name] for name in order}
         heldout_logits, accuracies = None, [None] * len(members)
@@ -592,19 +493,3 @@ def export(args: ExportArgs) -> int:
     return summarize(manifest_variants, defaults, output, started)
 
 
-def summarize(variants: dict[str, dict[str, Any]], defaults: dict[str, str], output: Path, started: float) -> int:
-    """Print the parity table, the default variants and every failure; 1 when fp32 failed, else 0."""
-    print(parity_table(variants, pytorch_accuracy(variants)))
-    print(f"default variant: cpu={defaults['cpu']} gpu={defaults['gpu']}")
-    for name, info in variants.items():
-        if info["status"] != PASS:
-            print(f"  {name}: {info['status']} ({info['parity'].get('reason', '')})")
-    print(f"wrote {output} in {time.perf_counter() - started:.1f}s")
-    if variants["fp32"]["status"] == FAIL:
-        print(
-            f"ferry export: error: fp32 failed the parity gate ({variants['fp32']['parity'].get('reason')}); "
-            f"{output} records the failure and has no servable fp32",
-            file=sys.stderr,
-        )
-        return 1
-    return 0

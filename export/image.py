@@ -37,9 +37,10 @@ from runtime.artifact import FAIL, STAGE, VARIANT_FILES, VARIANTS, seal
 from export.parity import (
     HELDOUT_BATCH, INVARIANCE_TEXTS, Labelled, Reference, _progress, check_variant, default_threads, torch_logits,
 )
+from ferry.tasks import IMAGE_TASK
 from ferry.errors import DataError, FerryError
 
-TASK = "image-classification"
+TASK = IMAGE_TASK
 INPUT = "pixel_values"
 OPSET = 17
 EXPORTER = f"torch.onnx.export (TorchScript), opset {OPSET}"
@@ -215,7 +216,7 @@ def static_int8(fp32: Path, dst: Path, work: Path, calib: list[dict[str, np.ndar
 
 def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int:
     """`ferry export` of an image checkpoint (options already checked by :func:`export.export.export`)."""
-    from export.export import NEEDS, _step, choose_defaults, graph_info, manifest_common, quiet_libraries, summarize, variant_entry
+    from export.writer import NEEDS, choose_defaults, graph_info, manifest_common, quiet_libraries, step, summarize, variant_entry
     from finetune.checkpoint import load_model
     from runtime.pixels import PROCESSOR_FILE, load_processor
     from ferry.files import MANIFEST, atomic_dir, write_json
@@ -251,7 +252,7 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
     with atomic_dir(output, args.overwrite, [ckpt.path]) as staging:
         work = staging / ".work"
         t = time.perf_counter()
-        _step(args, f"[1/3] exporting {ckpt.path} ({ckpt.model_type}) to ONNX with {EXPORTER}")
+        step(args, f"[1/3] exporting {ckpt.path} ({ckpt.model_type}) to ONNX with {EXPORTER}")
         raw = work / "model.onnx"
         torch_export(model, raw, height, width)
         opset, inputs, outputs = graph_info(raw)
@@ -262,7 +263,7 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
         entries: dict[str, dict[str, Any]] = {"fp32": {"optimization": none}}
 
         t = time.perf_counter()
-        _step(args, f"[2/3] making variants: {', '.join(variants)} (int8 for {isa})")
+        step(args, f"[2/3] making variants: {', '.join(variants)} (int8 for {isa})")
         if "int8" in variants:
             # MatMul/Gemm only: ORT's dynamic ConvInteger is slow on CPU and loses a CNN's accuracy
             # (EfficientNet-Lite0 on MNIST: 71% agreement, held-out pass 17 s vs 2.5 s fp32); int8-static is the CNN int8.
@@ -287,7 +288,7 @@ def export_image(args: Any, ckpt: Any, output: Path, variants: list[str]) -> int
 
         t = time.perf_counter()
         source = f" on {heldout[2]} ({len(heldout[1])} images)" if heldout else " (no held-out images)"
-        _step(args, "[3/3] parity with PyTorch" + source)
+        step(args, "[3/3] parity with PyTorch" + source)
         order = [v for v in VARIANTS if v in variants]
         paths = {name: staging / VARIANT_FILES[name] for name in order}
         results = run_image_parity(paths, model, labels, heldout, height, width, args)

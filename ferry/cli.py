@@ -19,7 +19,7 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "finetune": ("finetune.train", "FinetuneArgs", "finetune", "fine-tune a pretrained model on labelled data"),
     "evaluate": ("finetune.evaluate", "EvaluateArgs", "evaluate", "evaluate a checkpoint on a labelled file"),
     "export": ("export.export", "ExportArgs", "export", "export a checkpoint to ONNX (fp32, int8, fp16) with a parity gate"),
-    "parity": ("export.parity", "ParityArgs", "parity", "compare an artifact's ONNX variants with PyTorch"),
+    "parity": ("export.verify", "ParityArgs", "parity", "compare an artifact's ONNX variants with PyTorch"),
     "bench": ("export.bench", "BenchArgs", "bench", "benchmark an artifact offline, or a live server with --url"),
     "pipeline": ("export.pipeline", "PipelineArgs", "pipeline", "finetune, export, parity and bench in one run"),
     "serve": ("serve.cli", "ServeArgs", "serve", "serve an artifact over HTTP with BentoML"),

@@ -210,7 +210,7 @@ def test_judge_applies_each_gate():
 
 
 def test_choose_defaults_rule():
-    from export.export import choose_defaults
+    from export.writer import choose_defaults
 
     def v(status, inv):
         return {"status": status, "batch_invariant": inv}
