@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ferry.tasks import IMAGE_TASK
 from ferry.config import opt, parse
 from ferry.errors import ConfigError
 from ferry.files import write_json
@@ -129,7 +130,7 @@ def summary_rows(artifact_manifest: dict[str, Any], bench_report: dict[str, Any]
             _fmt(held.get("agreement"), ".2%"), f"{v['bytes'] / 1e6:.1f}", _fmt(speed.get(name), ".2f", "-") + ("x" if name in speed else ""),
             {True: "yes", False: "no", None: "-"}[v.get("batch_invariant")], ",".join(marks) or "-",
         ])
-    size = "image" if artifact_manifest.get("task") == "image-classification" else "seq"
+    size = "image" if artifact_manifest.get("task") == IMAGE_TASK else "seq"
     where = f"speedup over the fastest PyTorch path ({baseline}) on CPU at batch {cell[0]} x {size} {cell[1]}" if cell else "no CPU bench"
     headers = ["variant", "status", "accuracy", "Δacc pts", "agreement", "MB", "speedup", "batch-invariant", "default for"]
     return headers, rows, where
@@ -200,10 +201,10 @@ def pipeline(args: PipelineArgs) -> int:
         bench(built["bench"])
         timings["bench_s"] = time.perf_counter() - t
         report = json.loads((bench_dir / "bench.json").read_text(encoding="utf-8"))
-    served = served_here(art_dir) if export_rc == 0 and manifest.get("task") != "image-classification" else None
+    served = served_here(art_dir) if export_rc == 0 and manifest.get("task") != IMAGE_TASK else None
     headers, rows, where = summary_rows(manifest, report, served.variant if served else None)
     held = next((((v.get("parity") or {}).get("heldout")) for v in manifest["variants"].values() if (v.get("parity") or {}).get("heldout")), None)
-    unit = "images" if manifest.get("task") == "image-classification" else "texts"
+    unit = "images" if manifest.get("task") == IMAGE_TASK else "texts"
     head = f"PyTorch accuracy {held['pytorch']['accuracy']:.4f} on {held['examples']} held-out {unit}; " if held else ""
     banner("summary")
     print(head + where)

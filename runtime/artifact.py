@@ -56,6 +56,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ferry.tasks import IMAGE_TASK, TEXT_TASK
 from ferry.errors import ArtifactError, FerryError
 from ferry.files import MANIFEST, read_manifest, sha256_file
 
@@ -189,13 +190,13 @@ class Artifact:
     @property
     def task(self) -> str:
         """"text-classification" or "image-classification" (artifacts before images: text)."""
-        return str(self.manifest.get("task") or "text-classification")
+        return str(self.manifest.get("task") or TEXT_TASK)
 
     @property
     def processor(self) -> Path | None:
         """The image preprocessor_config.json of an image artifact."""
         p = self.path / "preprocessor_config.json"
-        return p if self.task == "image-classification" and p.is_file() else None
+        return p if self.task == IMAGE_TASK and p.is_file() else None
 
     @property
     def max_length(self) -> int:

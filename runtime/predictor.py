@@ -26,6 +26,7 @@ from runtime.choose import Choice
 from runtime.engines import CPU, CUDA, Engine, available_providers, choose_providers, engine_installed, open_engine
 from runtime.engines import gpu_present as session_gpu_present
 from runtime.hardware import read_cpu
+from ferry.tasks import IMAGE_TASK
 from ferry.errors import ArtifactError, FerryError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -172,7 +173,7 @@ def check_startup(path: str | Path, variant: str | None, device: str) -> Variant
     artifact.verify_files()
     v = select_variant(artifact, variant, resolve_device(device))
     v.verify()
-    if artifact.task == "image-classification":
+    if artifact.task == IMAGE_TASK:
         from runtime.pixels import PROCESSOR_FILE, processor_from_bytes
 
         try:

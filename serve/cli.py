@@ -21,6 +21,7 @@ from typing import Any
 
 from runtime.artifact import check_valid_artifact_dir
 from runtime.engines import OPT_LEVELS
+from ferry.tasks import IMAGE_TASK
 from ferry.config import opt, positive
 from ferry.errors import ConfigError, FerryError
 from serve.settings import BATCH_INVARIANCE, CPU_MAX_WORKERS, DEFAULT_MODEL, DEVICE_DEFAULTS, GPU_WORKERS, ServeSettings, worker_split
@@ -138,7 +139,7 @@ def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
         "task": artifact.task,
         "labels": artifact.labels,
         # BentoML metadata takes no None: the input shape entry of the task only
-        **({"image_size": m.get("image_size") or {}} if artifact.task == "image-classification" else {"max_length": artifact.max_length}),
+        **({"image_size": m.get("image_size") or {}} if artifact.task == IMAGE_TASK else {"max_length": artifact.max_length}),
         "default_variant": m.get("default_variant") or {},
         "variants": {
             n: {k: x for k, x in (("precision", v.info.get("precision")), ("status", v.status),
@@ -204,7 +205,7 @@ def serve(args: ServeArgs) -> int:
 
     artifact = check_valid_artifact_dir(args.artifact)  # paths inside it, the manifest's content hash
     artifact.verify_files()  # every file its files map lists; a worker checks again what it loads
-    image = artifact.task == "image-classification"
+    image = artifact.task == IMAGE_TASK
     # The split first: the start-up choice times the candidates with the threads a worker will have.
     workers, threads, split = worker_split(resolve_device(args.device), args.workers, args.threads)
     runtime = (ImageRuntime if image else Runtime)(

@@ -38,11 +38,12 @@ import numpy as np
 
 from runtime.artifact import Artifact, check_valid_artifact_dir
 from runtime.engines import available_providers
+from ferry.tasks import IMAGE_TASK
 from ferry.errors import ArtifactError, DataError
 from serve.body import WHOLE_BYTES, RequestError, Scalar, Strings, json_problem, parse_object
 from runtime.predictor import VariantSession, softmax
 
-TASK = "image-classification"
+TASK = IMAGE_TASK
 KEYS = ("images", "return_all_scores")
 EXAMPLE = '{"images": ["<base64>", ...]}'
 # Whitespace is allowed anywhere in base64 (RFC 2045 line breaks, `base64 FILE`'s 76 columns).

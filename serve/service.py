@@ -60,6 +60,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ferry.tasks import IMAGE_TASK
 from ferry.errors import FerryError
 from serve import bento_batcher, front
 from serve.batching import Overloaded, TextGate, in_chunks
@@ -391,7 +392,7 @@ class Ferry:
             from runtime.artifact import check_valid_artifact_dir
             from serve.image import ImageRuntime
 
-            image = check_valid_artifact_dir(path).task == "image-classification"
+            image = check_valid_artifact_dir(path).task == IMAGE_TASK
             extra = {} if image else {"max_tokens": MAX_BATCH_TOKENS}
             self.runtime = (ImageRuntime if image else Runtime)(
                 path,
@@ -485,7 +486,7 @@ def choose_once() -> None:
     path = model_path()[0]
     from runtime.artifact import check_valid_artifact_dir
 
-    if check_valid_artifact_dir(path).task == "image-classification":
+    if check_valid_artifact_dir(path).task == IMAGE_TASK:
         return
     try:
         rt = Runtime(path, device="cpu", threads=THREADS, optimization=SETTINGS.optimization,
