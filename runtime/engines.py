@@ -9,6 +9,7 @@ runs a model the same way. No PyTorch here.
 
 from __future__ import annotations
 
+import abc
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -133,7 +134,7 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-class Engine:
+class Engine(abc.ABC):
     """One opened variant: ``run(feed)`` returns the first output (the logits) as float32.
 
     ``loaded_from_bytes``: built from bytes its caller had read and checked, not from the file.
@@ -152,8 +153,9 @@ class Engine:
     output_names: list[str]
     loaded_from_bytes: bool = False
 
-    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's first output for ``feed``, as float32."""
 
 
 class OrtEngine(Engine):
