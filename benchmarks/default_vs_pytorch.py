@@ -45,8 +45,8 @@ def main() -> int:
     a = ap.parse_args()
 
     from export.bench import (
-        TWIN, BenchArgs, add_speedups, baseline_checks, busy_note, isa_text, jobs_for, machine_info, plan_engines, pytorch_source, run_grid,
-        standalone_twin, start_workers, text_grid,
+        BenchArgs, add_speedups, baseline_checks, busy_note, isa_text, jobs_for, machine_info, plan_engines, pytorch_source, run_grid,
+        start_with_twins, text_grid,
     )
     from export.writer import quiet_libraries
     from export.parity import default_threads, markdown_table, text_table
@@ -74,13 +74,10 @@ def main() -> int:
     cells = text_grid(artifact, args, None)
     jobs = jobs_for(specs, artifact, a.checkpoint, threads)
     check_cells = [] if a.no_check_baseline else [(c.batch_size, c.seq_length) for c in cells]
-    twin_jobs = [standalone_twin(j) for j in jobs if j.spec.kind == "pytorch"] if check_cells else []
     load_start = list(os.getloadavg())
     machine = machine_info()  # before the workers load: the load average is the other programs'
     busy = busy_note(machine)
-    workers, unavailable = start_workers(jobs + twin_jobs)
-    twins = [w for w in workers if w.spec.name.endswith(TWIN)]
-    workers = [w for w in workers if w not in twins]
+    workers, twins, unavailable = start_with_twins(jobs, bool(check_cells))
     try:
         for name, (reason, _, _) in unavailable.items():
             skipped[name] = reason

@@ -1011,6 +1011,15 @@ def standalone_twin(job: Job) -> Job:
     return dataclasses.replace(job, spec=dataclasses.replace(job.spec, name=job.spec.name + TWIN), memory="none")
 
 
+def start_with_twins(jobs: list[Job], check_baseline: bool) -> tuple[list[Worker], list[Worker], dict[str, tuple[str, str | None, bool]]]:
+    """(workers, twins, unavailable): a process per engine and, when the baseline is checked, a
+    :func:`standalone_twin` of each PyTorch path; see :func:`start_workers` for ``unavailable``."""
+    twin_jobs = [standalone_twin(j) for j in jobs if j.spec.kind == "pytorch"] if check_baseline else []
+    started, unavailable = start_workers(jobs + twin_jobs)
+    twins = [w for w in started if w.spec.name.endswith(TWIN)]
+    return [w for w in started if w not in twins], twins, unavailable
+
+
 def baseline_checks(results: list[dict[str, Any]], timings: dict[tuple[str, str], Timing], cells: Sequence[tuple[int, Any]]) -> list[dict[str, Any]]:
     """Per device and checked cell: the fastest PyTorch path's in-grid latencies against its
     standalone twin's, measured in the same rounds (:func:`compare_baseline`)."""
@@ -1291,12 +1300,9 @@ def bench(args: BenchArgs) -> int:
     # competes with the engine being timed.
     jobs = jobs_for(specs, artifact, args.checkpoint, threads)
     check_cells = [pick_headline((c.batch_size, c.seq_length) for c in cells)] if args.check_baseline else []
-    twin_jobs = [standalone_twin(j) for j in jobs if j.spec.kind == "pytorch"] if check_cells else []
     machine = machine_info()  # before the workers load: the load average is the other programs'
     busy = busy_note(machine)
-    workers, unavailable = start_workers(jobs + twin_jobs)
-    twins = [w for w in workers if w.spec.name.endswith(TWIN)]
-    workers = [w for w in workers if w not in twins]
+    workers, twins, unavailable = start_with_twins(jobs, bool(check_cells))
     try:
         for name, (reason, kind, ferry_error) in unavailable.items():
             if name.endswith(TWIN):
