@@ -49,6 +49,17 @@ class SharedReadiness:
         except OSError:
             pass
 
+    def claim_stop(self) -> bool:
+        """True for the first worker of this server to stop it, the one that says why: with several
+        workers failing the same way at start, the server stops with one line, not one per worker.
+        (The claim file stays in the server's directory, which the stopped server no longer uses.)"""
+        try:
+            fd = os.open(self._own_dir() / "stopping", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
     def ready_workers(self) -> int:
         """How many live workers of this server have marked themselves ready."""
         import psutil

@@ -503,8 +503,10 @@ def choose_once() -> None:
 
 def stop_server(reason: str) -> NoReturn:
     """Stop the whole server with one line, from a worker: BentoML would respawn a worker that
-    merely exits, forever, and a worker that stays up unready would leave /readyz flapping."""
-    log.error(reason)
+    merely exits, forever, and a worker that stays up unready would leave /readyz flapping.
+    Only the first worker to stop the server logs the reason."""
+    if _readiness.claim_stop():
+        log.error(reason)
     _readiness.clear()
     os.kill(os.getppid(), signal.SIGTERM)
     os._exit(2)

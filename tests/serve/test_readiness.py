@@ -47,3 +47,11 @@ def test_a_marker_directory_of_another_kind_is_refused(tmp_path):
         assert "not a directory of this user" in str(e)
     else:
         raise AssertionError("a file in place of the marker directory was accepted")
+
+
+def test_only_the_first_worker_to_stop_the_server_claims_it(tmp_path):
+    """Each worker has its own SharedReadiness of the same server: one claim wins, whichever comes first."""
+    first, second = (SharedReadiness(2, server_pid=12345, root=tmp_path) for _ in range(2))
+    assert first.claim_stop() is True
+    assert second.claim_stop() is False and first.claim_stop() is False
+    assert SharedReadiness(2, server_pid=54321, root=tmp_path).claim_stop() is True  # another server's own claim
