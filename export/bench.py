@@ -1081,7 +1081,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"- CPU ISA: {isa_text(m.get('cpu_isa'))} (flags: {', '.join((m.get('cpu_isa') or {}).get('flags') or []) or 'none of interest'})",
         f"- threads: {report['threads']} (every engine alike); each engine in its own process, one at a time, windows interleaved in rounds",
         "- speedup = sequences/s over the fastest PyTorch path on the same device and cell (column 'over'), same run",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
     ]
     for device, h in (report.get("headline") or {}).items():
         lines.append(f"- **headline**: {headline_text(device, h)}")

@@ -34,7 +34,7 @@ from export.parity import GateArgs, default_threads, load_labelled_data, pytorch
 from export.writer import NEEDS, choose_defaults, graph_info, manifest_common, quiet_libraries, step, summarize, variant_entry
 from ferry.tasks import IMAGE_TASK, TEXT_TASK
 from ferry.config import opt, positive
-from ferry.errors import CheckpointError, ConfigError, DataError, FerryError
+from ferry.errors import CheckpointError, ConfigError, DataError, FerryError, first_line
 from ferry.files import MANIFEST, atomic_dir, check_output_dir, sha256_file, write_json
 
 TASK = TEXT_TASK
@@ -159,7 +159,7 @@ def onnx_export(ckpt: Any, work: Path, opset: int | None) -> Path:
             framework="pt", local_files_only=True,
         )
     except Exception as e:  # the exporter raises many types for an architecture it cannot trace
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e)
         raise FerryError(f"{ckpt.path}: the ONNX export failed ({type(e).__name__}: {text[:300]})") from None
     return work / "model.onnx"
 

@@ -38,7 +38,7 @@ from export.parity import (
     HELDOUT_BATCH, INVARIANCE_TEXTS, Labelled, Reference, _progress, check_variant, default_threads, torch_logits,
 )
 from ferry.tasks import IMAGE_TASK
-from ferry.errors import DataError, FerryError
+from ferry.errors import DataError, FerryError, first_line
 
 TASK = IMAGE_TASK
 INPUT = "pixel_values"
@@ -87,7 +87,7 @@ def torch_export(model: Any, dst: Path, height: int, width: int) -> None:
             dynamic_axes={INPUT: {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False,
         )
     except Exception as e:  # the exporter raises many types for a model it cannot trace
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e)
         raise FerryError(f"the ONNX export failed ({type(e).__name__}: {text[:300]})") from None
 
 

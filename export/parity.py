@@ -32,9 +32,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from runtime.artifact import FAIL, PASS, UNVERIFIED, VARIANTS, VariantSpec
+from runtime.engines import softmax
 from export.inputs import collate, encode, pad_id, random_ids, read_jsonl_texts
 from ferry.config import non_negative, opt, positive
-from ferry.errors import DataError
+from ferry.errors import DataError, first_line
 
 HELDOUT_BATCH = 32
 INVARIANCE_TEXTS = 32
@@ -96,9 +97,6 @@ def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 class OutputMismatch(Exception):
@@ -118,10 +116,6 @@ def engine_logits(engine: Any, feeds: dict[str, np.ndarray], num_labels: int) ->
         raise OutputMismatch(f"logits shape {tuple(logits.shape)}, PyTorch's is {(batch, num_labels)}")
     return logits
 
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 # ---------------------------------------------------------------- inputs
@@ -384,7 +378,7 @@ def check_variant(
         result.update(status=FAIL, reason=str(e), checks={"outputs": str(e)}, batch_invariance=None)
         return result
     except Exception as e:  # the engines raise their own types when a kernel fails on this model
-        result.update(status=FAIL, reason=f"{spec.engine} failed: {_first_line(e)}", batch_invariance=None)
+        result.update(status=FAIL, reason=f"{spec.engine} failed: {first_line(e)}", batch_invariance=None)
         return result
     result["status"], result["reason"] = judge(spec.precision, result, gates)
     return result

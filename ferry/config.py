@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from ferry.errors import ConfigError
+from ferry.errors import ConfigError, first_line
 
 T = TypeVar("T")
 
@@ -132,7 +132,7 @@ def _load_yaml(path: str) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
     except (yaml.YAMLError, ValueError) as e:  # ValueError: also undecodable bytes, an integer of 4,300+ digits
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ConfigError(f"--config {path}: not valid YAML ({first})") from None
     if data is None:
         return {}

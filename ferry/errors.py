@@ -22,6 +22,13 @@ def one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of ``e``'s message (its type's name if it has none), at most ``limit`` characters:
+    what an error of ferry's quotes from a library's exception."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 def describe_os_error(e: OSError) -> str:
     """One line for an OSError: the file(s), the system's reason, what to do."""
     where = f"{e.filename}: " if e.filename is not None else ""

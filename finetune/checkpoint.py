@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.tasks import IMAGE_TASK, TEXT_TASK
-from ferry.errors import CheckpointError, FerryError
+from ferry.errors import CheckpointError, FerryError, first_line
 from ferry.files import MANIFEST, read_json_object, read_manifest, sha256_file, write_json
 
 STAGE = "finetune"
@@ -297,7 +297,7 @@ def load_model(ckpt: Checkpoint, **kwargs: Any) -> Any:
     try:
         return Auto.from_pretrained(ckpt.path, use_safetensors=True, **kwargs)
     except Exception as e:  # safetensors and transformers raise many types for damaged files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         weights = sorted(Path(ckpt.path).glob("*.safetensors"))
         where = ", ".join(str(w) for w in weights) if weights else f"{ckpt.path} (no .safetensors file)"
         raise CheckpointError(f"{where}: cannot load the model weights ({first}); the file may be corrupted") from None
@@ -309,5 +309,5 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"{path}: cannot load the tokenizer ({first})") from None

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import DataError
+from ferry.errors import DataError, first_line
 from ferry.files import resolve, sha256_file
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -97,7 +97,7 @@ def read_rows(
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises many types for a damaged file
-            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
         for flag, name in wanted:
             if name not in table.column_names:
                 raise _column_error(path, flag, name, table.column_names)

@@ -196,14 +196,14 @@ def load_lukemelas_weights(model: EfficientNetLiteForImageClassification, path: 
         head: also load ``_fc`` (only when the model has the file's number of classes); without it
             the new head keeps its fresh initialisation and every other key must match exactly.
     """
-    from ferry.errors import CheckpointError
+    from ferry.errors import CheckpointError, first_line
     from ferry.files import resolve
 
     p = resolve(path)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or non-weights file
-        raise CheckpointError(f"{p}: cannot load the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise CheckpointError(f"{p}: cannot load the weights ({first_line(e)})") from None
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise CheckpointError(
             f"{p}: not a state_dict (a dict of tensor names to tensors) but a {type(state).__name__}; "
@@ -221,4 +221,4 @@ def load_lukemelas_weights(model: EfficientNetLiteForImageClassification, path: 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{p}: {str(e).splitlines()[0]} (shape mismatch with the config)") from None
+        raise CheckpointError(f"{p}: {first_line(e)} (shape mismatch with the config)") from None

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ferry.errors import ConfigError, FerryError
-from finetune.modeling import _first_line, encoder_layers, parse_freeze, resolve_model
+from ferry.errors import ConfigError, FerryError, first_line
+from finetune.modeling import encoder_layers, parse_freeze, resolve_model
 
 # TF EfficientNet-Lite's input scaling, (x - 127) / 128, as mean/std over x/255.
 LITE_MEAN, LITE_STD = [127 / 255] * 3, [128 / 255] * 3
@@ -67,7 +67,7 @@ def load_image_base(model: str, labels: list[str], dropout: float | None, image_
         try:
             config = AutoConfig.from_pretrained(source, local_files_only=True)
         except Exception as e:
-            raise FerryError(f"--model {model}: config.json cannot be read ({_first_line(e)})") from None
+            raise FerryError(f"--model {model}: config.json cannot be read ({first_line(e)})") from None
         config.num_labels, config.id2label, config.label2id = len(labels), id2label, label2id
         fixed = getattr(config, "image_size", None)
         if config.model_type == "efficientnet_lite":
@@ -84,9 +84,9 @@ def load_image_base(model: str, labels: list[str], dropout: float | None, image_
         except ValueError as e:
             if "Unrecognized configuration class" in str(e):
                 raise FerryError(f"--model {model}: model type '{config.model_type}' has no image-classification head in transformers") from None
-            raise FerryError(f"--model {model}: cannot load the weights ({_first_line(e)})") from None
+            raise FerryError(f"--model {model}: cannot load the weights ({first_line(e)})") from None
         except Exception as e:
-            raise FerryError(f"--model {model}: cannot load the weights ({_first_line(e)})") from None
+            raise FerryError(f"--model {model}: cannot load the weights ({first_line(e)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     net.config.architectures = [type(net).__name__]

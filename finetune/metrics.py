@@ -63,7 +63,7 @@ def format_report(rep: dict[str, Any], title: str = "") -> str:
         )
     cm = rep["confusion_matrix"]
     cell = max([len(str(v)) for row in cm for v in row] + [len(str(i)) for i in range(len(labels))] + [3])
-    lines.append(f"  confusion matrix (rows true, columns predicted, in the order above):")
+    lines.append("  confusion matrix (rows true, columns predicted, in the order above):")
     for label, row in zip(labels, cm):
         lines.append(f"  {label:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
     return "\n".join(lines)

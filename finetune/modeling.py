@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import ConfigError, FerryError
+from ferry.errors import ConfigError, FerryError, first_line
 from ferry.files import PKG_PREFIX, resolve
 
 # Config keys that hold the classification head's dropout, per architecture family.
@@ -19,9 +19,6 @@ def _offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def resolve_model(model: str) -> tuple[str, bool]:
@@ -45,7 +42,7 @@ def resolve_model(model: str) -> tuple[str, bool]:
     try:
         AutoConfig.from_pretrained(model, local_files_only=_offline())
     except Exception as e:  # huggingface_hub raises many types (OSError, HTTP errors, timeouts)
-        why = "the hub is unreachable (offline)" if _offline() else f"loading it from the hub failed ({_first_line(e)})"
+        why = "the hub is unreachable (offline)" if _offline() else f"loading it from the hub failed ({first_line(e)})"
         raise FerryError(f"--model {model}: not a local model directory and {why}") from None
     return model, False
 
@@ -63,7 +60,7 @@ def load_base(model: str, labels: list[str], classifier_dropout: float | None) -
         try:
             config = AutoConfig.from_pretrained(source, **kwargs)
         except Exception as e:
-            raise FerryError(f"--model {model}: config.json cannot be read ({_first_line(e)})") from None
+            raise FerryError(f"--model {model}: config.json cannot be read ({first_line(e)})") from None
         config.num_labels = len(labels)
         config.id2label = {i: label for i, label in enumerate(labels)}
         config.label2id = {label: i for i, label in enumerate(labels)}
@@ -80,13 +77,13 @@ def load_base(model: str, labels: list[str], classifier_dropout: float | None) -
                 raise FerryError(
                     f"--model {model}: model type '{config.model_type}' has no sequence-classification head in transformers"
                 ) from None
-            raise FerryError(f"--model {model}: cannot load the weights ({_first_line(e)})") from None
+            raise FerryError(f"--model {model}: cannot load the weights ({first_line(e)})") from None
         except Exception as e:
-            raise FerryError(f"--model {model}: cannot load the weights ({_first_line(e)})") from None
+            raise FerryError(f"--model {model}: cannot load the weights ({first_line(e)})") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         except Exception as e:
-            raise FerryError(f"--model {model}: cannot load its tokenizer ({_first_line(e)})") from None
+            raise FerryError(f"--model {model}: cannot load its tokenizer ({first_line(e)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     return net, tokenizer, source

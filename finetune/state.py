@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import FerryError
+from ferry.errors import FerryError, first_line
 from ferry.files import fsync_dir, fsync_tree, write_json
 
 DIR = "resume"
@@ -112,6 +112,6 @@ def load(staging: Path, device: Any) -> dict[str, Any]:
     except FerryError:
         raise
     except Exception as e:  # a truncated or tampered file: safetensors/torch raise many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise FerryError(f"--resume: the saved state in {d} cannot be read ({first}); rerun without --resume") from None
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ferry.errors import ArtifactError
 from runtime.artifact import FAIL, PASS, UNVERIFIED, Artifact
+from runtime.engines import softmax
 
 BUDGET_S = 15.0
 PROBE_BATCH = 8
@@ -124,11 +125,6 @@ def hardest_first(ref: Reference, size: int) -> list[list[int]]:
     order = [int(i) for i in np.argsort(top2[:, 1] - top2[:, 0], kind="stable")]
     return [order[i : i + size] for i in range(0, len(order), size)]
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def recheck(

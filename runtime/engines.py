@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ferry.errors import ArtifactError, FerryError
+from ferry.errors import ArtifactError, FerryError, first_line
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -29,6 +29,13 @@ ENGINE_PACKAGES = {ONNXRUNTIME: "onnxruntime-gpu", OPENVINO: "openvino"}
 # OpenVINO's CPU inference precision per variant precision; int8 comes from the graph's
 # QuantizeLinear/DequantizeLinear pairs, around which the rest runs in f32.
 OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits along the last axis, in float64 (the one softmax every stage applies)."""
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 class EngineUnavailable(ArtifactError):
@@ -122,16 +129,13 @@ def create_session(
         model = str(path) if model_bytes is None else model_bytes
         return ort.InferenceSession(model, session_options(threads, optimization), providers=providers)
     except Exception as e:  # ORT raises its own exception types for a damaged or invalid model
-        raise ArtifactError(f"{path}: not a loadable ONNX model ({_first_line(e)})") from None
+        raise ArtifactError(f"{path}: not a loadable ONNX model ({first_line(e)})") from None
 
 
 def active_provider(session: Any) -> str:
     return session.get_providers()[0]
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 class Engine(abc.ABC):
@@ -280,7 +284,7 @@ def open_engine(
         try:
             return OpenVinoEngine(Path(path), precision, threads)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses when a graph cannot compile here
-            raise EngineUnavailable(f"{path}: OpenVINO cannot compile it on this CPU ({_first_line(e)})") from None
+            raise EngineUnavailable(f"{path}: OpenVINO cannot compile it on this CPU ({first_line(e)})") from None
     from_bytes = False
     if tensorrt and device == "cuda":
         session = create_tensorrt_session(path, precision, threads, available)
@@ -315,4 +319,4 @@ def create_tensorrt_session(path: str | Path, precision: str, threads: int | Non
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=providers)
     except Exception as e:  # TensorRT fails on unsupported ops or a missing libnvinfer
-        raise EngineUnavailable(f"{path}: ONNX Runtime's TensorRT provider cannot open it ({_first_line(e)})") from None
+        raise EngineUnavailable(f"{path}: ONNX Runtime's TensorRT provider cannot open it ({first_line(e)})") from None

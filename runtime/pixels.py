@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ferry.errors import DataError
+from ferry.errors import DataError, first_line
 from ferry.files import read_json_object
 
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -55,7 +55,7 @@ def open_image(source: str | Path | bytes, where: str, max_pixels: int = MAX_PIX
     except Image.DecompressionBombError as e:
         raise TooManyPixels(f"{where}: too many pixels, refused as a decompression bomb ({e})") from None
     except (OSError, ValueError) as e:
-        raise DataError(f"{where}: cannot open the image ({_first_line(e)})") from None
+        raise DataError(f"{where}: cannot open the image ({first_line(e)})") from None
     w, h = img.size
     if w * h > max_pixels:
         raise TooManyPixels(f"{where}: {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
@@ -65,12 +65,9 @@ def open_image(source: str | Path | bytes, where: str, max_pixels: int = MAX_PIX
     except Image.DecompressionBombError as e:
         raise TooManyPixels(f"{where}: too many pixels, refused as a decompression bomb ({e})") from None
     except Exception as e:  # noqa: BLE001 - a decoder fed damaged bytes raises many types (EOFError, struct.error, ...)
-        raise DataError(f"{where}: cannot decode the image ({_first_line(e)}); the file may be truncated or damaged") from None
+        raise DataError(f"{where}: cannot decode the image ({first_line(e)}); the file may be truncated or damaged") from None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def to_rgb(img: Any) -> Any:

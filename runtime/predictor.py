@@ -23,11 +23,11 @@ import numpy as np
 from runtime.artifact import UNVERIFIED, Artifact, Variant, check_valid_artifact_dir
 from runtime import choose as choosing
 from runtime.choose import Choice
-from runtime.engines import CPU, CUDA, Engine, available_providers, choose_providers, engine_installed, open_engine
+from runtime.engines import CPU, CUDA, Engine, available_providers, choose_providers, engine_installed, open_engine, softmax
 from runtime.engines import gpu_present as session_gpu_present
 from runtime.hardware import read_cpu
 from ferry.tasks import IMAGE_TASK
-from ferry.errors import ArtifactError, FerryError
+from ferry.errors import ArtifactError, FerryError, first_line
 
 TOKENIZER_FILE = "tokenizer.json"
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,12 +68,6 @@ def resolve_device(device: str = "auto", available: Sequence[str] | None = None,
         return "cuda"
     return "cuda" if CUDA in providers and present else "cpu"
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def length_groups(
@@ -119,7 +113,7 @@ def load_tokenizer(artifact: Artifact, max_length: int) -> Any:
     try:
         tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # the tokenizers library raises a plain Exception for a damaged file
-        raise ArtifactError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        raise ArtifactError(f"{path}: cannot load the tokenizer ({first_line(e)})") from None
     tok.no_padding()
     tok.enable_truncation(max_length)
     check_vocabulary(artifact, tok)

@@ -41,7 +41,8 @@ from runtime.engines import available_providers
 from ferry.tasks import IMAGE_TASK
 from ferry.errors import ArtifactError, DataError
 from serve.body import WHOLE_BYTES, RequestError, Scalar, Strings, json_problem, parse_object
-from runtime.predictor import VariantSession, softmax
+from runtime.engines import softmax
+from runtime.predictor import VariantSession
 
 TASK = IMAGE_TASK
 KEYS = ("images", "return_all_scores")
