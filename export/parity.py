@@ -36,6 +36,7 @@ from runtime.engines import softmax
 from export.inputs import collate, encode, pad_id, random_ids, read_jsonl_texts
 from ferry.config import non_negative, opt, positive
 from ferry.errors import DataError, first_line
+from ferry.tables import fmt, text_table
 
 HELDOUT_BATCH = 32
 INVARIANCE_TEXTS = 32
@@ -432,10 +433,6 @@ def _progress(items: Any, desc: str) -> Any:
 # ---------------------------------------------------------------- the table
 
 
-def _fmt(value: Any, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
 def parity_rows(variants: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for name, info in variants.items():
@@ -445,11 +442,11 @@ def parity_rows(variants: dict[str, dict[str, Any]]) -> list[list[str]]:
         rows.append([
             name,
             info.get("precision", VARIANTS[name].precision if name in VARIANTS else ""),
-            _fmt(info.get("bytes") and info["bytes"] / 1e6, ".1f"),
-            _fmt(held.get("onnx", {}).get("accuracy"), ".4f"),
-            _fmt(held.get("delta_accuracy_points"), "+.2f"),
-            _fmt(held.get("agreement"), ".2%"),
-            _fmt(parity.get("max_abs_diff"), ".1e"),
+            fmt(info.get("bytes") and info["bytes"] / 1e6, ".1f"),
+            fmt(held.get("onnx", {}).get("accuracy"), ".4f"),
+            fmt(held.get("delta_accuracy_points"), "+.2f"),
+            fmt(held.get("agreement"), ".2%"),
+            fmt(parity.get("max_abs_diff"), ".1e"),
             "-" if not inv else ("yes" if inv.get("invariant") else f"no ({inv.get('max_abs_prob_diff', 0):.0e})"),
             str(info.get("status", parity.get("status", UNVERIFIED))),
         ])
@@ -457,18 +454,6 @@ def parity_rows(variants: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 PARITY_HEADERS = ["variant", "precision", "MB", "accuracy", "Δacc pts", "agreement", "max|Δlogit|", "batch-invariant", "status"]
-
-
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def parity_table(variants: dict[str, dict[str, Any]], pytorch_accuracy: float | None = None) -> str:

@@ -20,13 +20,13 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "evaluate": ("finetune.evaluate", "EvaluateArgs", "evaluate", "evaluate a checkpoint on a labelled file"),
     "export": ("export.export", "ExportArgs", "export", "export a checkpoint to ONNX (fp32, int8, fp16) with a parity gate"),
     "parity": ("export.verify", "ParityArgs", "parity", "compare an artifact's ONNX variants with PyTorch"),
-    "bench": ("export.bench", "BenchArgs", "bench", "benchmark an artifact offline, or a live server with --url"),
-    "pipeline": ("export.pipeline", "PipelineArgs", "pipeline", "finetune, export, parity and bench in one run"),
+    "bench": ("bench.offline", "BenchArgs", "bench", "benchmark an artifact offline, or a live server with --url"),
+    "pipeline": ("ferry.pipeline", "PipelineArgs", "pipeline", "finetune, export, parity and bench in one run"),
     "serve": ("serve.cli", "ServeArgs", "serve", "serve an artifact over HTTP with BentoML"),
     "store": ("serve.cli", "StoreArgs", "store", "register an artifact in the BentoML model store"),
 }
 # `ferry bench --url` measures a live server instead of an artifact.
-LOAD_BENCH = ("serve.loadbench", "LoadBenchArgs", "loadbench", "load-test a live ferry server")
+LOAD_BENCH = ("bench.load", "LoadBenchArgs", "loadbench", "load-test a live ferry server")
 
 
 def usage() -> str:

@@ -34,7 +34,7 @@ def test_headlines_are_distinct_and_picked_evenly(sl):
 
 
 def test_arrival_order_is_the_order_the_load_sends(sl):
-    from serve.loadbench import Load
+    from bench.load import Load
 
     texts = [f"t{i}" for i in range(37)]
     load = Load(None, "http://unused", texts, 1, timeout=1, seed=sl.SEED)

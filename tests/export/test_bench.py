@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 
-from export.bench import percentile, plan_engines, spread
+from bench.engines import plan_engines
+from bench.report import percentile, spread
 from runtime.hardware import read_cpu
 from tests.export.conftest import run, run_fails
 
@@ -63,7 +63,7 @@ def test_plan_engines_with_cuda_faked():
 
 
 def test_speedups_are_per_device_and_cell():
-    from export.bench import add_speedups
+    from bench.report import add_speedups
 
     def r(engine, kind, precision, device, b, s, sps):
         return {"engine": engine, "kind": kind, "precision": precision, "device": device, "batch_size": b, "seq_length": s, "sequences_per_s": sps}
@@ -113,7 +113,7 @@ def test_plan_engines_openvino_variants_and_a_missing_engine():
 
 
 def test_speedups_and_headline_over_the_fastest_pytorch_path():
-    from export.bench import add_speedups, headline_text, headlines
+    from bench.report import add_speedups, headline_text, headlines
 
     def r(engine, kind, precision, b, s, sps, mode=None):
         return {"engine": engine, "kind": kind, "precision": precision, "device": "cpu", "batch_size": b, "seq_length": s,
@@ -140,7 +140,7 @@ def test_speedups_and_headline_over_the_fastest_pytorch_path():
 
 
 def test_baseline_check_on_fake_timings():
-    from export.bench import compare_baseline
+    from bench.offline import compare_baseline
 
     alone = [0.400, 0.402, 0.398, 0.405, 0.399]
     ok = compare_baseline([0.410, 0.412, 0.409], alone, engine="pytorch-fp32-cpu", cell="32x128")
@@ -157,7 +157,8 @@ def test_baseline_check_on_fake_timings():
 
 
 def test_baseline_checks_pick_the_fastest_path_and_its_twin():
-    from export.bench import TWIN, Timing, baseline_checks
+    from bench.offline import baseline_checks
+    from bench.timing import TWIN, Timing
 
     def row(engine, kind, sps, b=32, s=128):
         return {"engine": engine, "kind": kind, "device": "cpu", "batch_size": b, "seq_length": s, "sequences_per_s": sps}
@@ -177,7 +178,7 @@ def test_baseline_checks_pick_the_fastest_path_and_its_twin():
 
 
 def test_busy_machine_note():
-    from export.bench import busy_note
+    from bench.report import busy_note
 
     assert busy_note({"load_average": [0.4, 0.3, 0.2], "logical_cores": 2}) is None
     note = busy_note({"load_average": [4.5, 3.0, 2.0], "logical_cores": 2})
@@ -190,7 +191,7 @@ def test_busy_machine_note():
 
 def crashing_engine(spec, die_at: int, hard: bool):
     """An engine whose ``die_at``-th call kills its process (``hard``) or raises."""
-    from export.bench import Engine
+    from bench.engines import Engine
 
     calls = [0]
 
@@ -207,7 +208,7 @@ def crashing_engine(spec, die_at: int, hard: bool):
 
 def logging_engine(spec, log: str):
     """An engine that sleeps 5 ms per call and logs its process id and the call's wall-clock span."""
-    from export.bench import Engine
+    from bench.engines import Engine
 
     def run(batch):
         t0 = time.time()
@@ -228,12 +229,14 @@ RUNNER = ["--max-seconds", "0.3", "--window-seconds", "0.01", "--warmup", "1", "
 
 
 def test_each_engine_in_its_own_process_and_a_crash_is_reported(bert_artifact, tmp_path):
-    from export.bench import BenchArgs, EngineSpec, Job, jobs_for, run_grid, start_workers, text_grid
+    from bench.engines import EngineSpec
+    from bench.offline import BenchArgs, jobs_for, run_grid, text_grid
+    from bench.timing import Job, start_workers
     from runtime.artifact import check_valid_artifact_dir
 
     artifact = check_valid_artifact_dir(bert_artifact)
     args = BenchArgs(artifact=str(bert_artifact), batch_sizes=[1, 4], seq_lengths=[8], max_seconds=0.3, window_seconds=0.01, quiet=True)
-    cells = text_grid(artifact, args, None)
+    cells = text_grid(artifact, args)
     real = [EngineSpec("pytorch-fp32-cpu", "pytorch", "cpu", "fp32", engine="torch", mode="eager fp32"),
             # bf16 autocast runs (emulated) on any CPU; the plan only offers it where the CPU has bf16
             EngineSpec("pytorch-bf16-cpu", "pytorch", "cpu", "bf16", engine="torch", mode="eager, torch.autocast('cpu', bfloat16)"),
@@ -263,7 +266,9 @@ def test_each_engine_in_its_own_process_and_a_crash_is_reported(bert_artifact, t
 
 
 def test_only_one_engine_runs_at_a_time(tmp_path):
-    from export.bench import BenchArgs, Cell, EngineSpec, Job, run_grid, start_workers
+    from bench.engines import EngineSpec
+    from bench.offline import BenchArgs, run_grid
+    from bench.timing import Cell, Job, start_workers
 
     log = tmp_path / "calls.log"
     jobs = [Job(EngineSpec(f"sleeper-{i}", "onnx", "cpu", "fp32", f"v{i}"), "tests.export.test_bench:logging_engine", {"log": str(log)})

@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ferry.cli import main
-from serve.loadbench import batch_stats, parse_metrics, percentiles
+from bench.load import batch_stats, parse_metrics
+from bench.report import percentiles
 
 METRICS = """# HELP ferry_batch_texts Texts per model batch
 # TYPE ferry_batch_texts histogram

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from ferry.cli import main
-from serve.loadbench import parse_metrics
+from bench.load import parse_metrics
 from tests import tiny
 from tests.serve.conftest import Server
 from tests.artifacts import write_manifest

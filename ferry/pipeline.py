@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ferry.tasks import IMAGE_TASK
 from ferry.config import opt, parse
 from ferry.errors import ConfigError
 from ferry.files import write_json
+from ferry.tables import fmt, markdown_table, text_table
+from ferry.tasks import task_named
 
 SUMMARY_CELL = (32, 128)  # the batch x sequence length the summary reports speedups at, when benchmarked
 # Options each stage gets from the pipeline, not from its section.
@@ -102,8 +103,6 @@ def stage_args(cls: type, section: str, values: dict[str, Any], fixed: dict[str,
 
 def summary_rows(artifact_manifest: dict[str, Any], bench_report: dict[str, Any] | None, served: str | None = None) -> tuple[list[str], list[list[str]], str]:
     """The summary table; ``served`` is the variant `ferry serve` chose on this CPU (else the export's default)."""
-    from export.parity import _fmt
-
     cell = None
     speed: dict[str, float] = {}
     baseline = "PyTorch eager fp32"
@@ -126,11 +125,11 @@ def summary_rows(artifact_manifest: dict[str, Any], bench_report: dict[str, Any]
         held = (v.get("parity") or {}).get("heldout") or {}
         marks = [dev for dev in ("cpu", "gpu") if defaults.get(dev) == name]
         rows.append([
-            name, v["status"], _fmt(held.get("onnx", {}).get("accuracy"), ".4f"), _fmt(held.get("delta_accuracy_points"), "+.2f"),
-            _fmt(held.get("agreement"), ".2%"), f"{v['bytes'] / 1e6:.1f}", _fmt(speed.get(name), ".2f", "-") + ("x" if name in speed else ""),
+            name, v["status"], fmt(held.get("onnx", {}).get("accuracy"), ".4f"), fmt(held.get("delta_accuracy_points"), "+.2f"),
+            fmt(held.get("agreement"), ".2%"), f"{v['bytes'] / 1e6:.1f}", fmt(speed.get(name), ".2f", "-") + ("x" if name in speed else ""),
             {True: "yes", False: "no", None: "-"}[v.get("batch_invariant")], ",".join(marks) or "-",
         ])
-    size = "image" if artifact_manifest.get("task") == IMAGE_TASK else "seq"
+    size = "image" if task_named(artifact_manifest.get("task")).image else "seq"
     where = f"speedup over the fastest PyTorch path ({baseline}) on CPU at batch {cell[0]} x {size} {cell[1]}" if cell else "no CPU bench"
     headers = ["variant", "status", "accuracy", "Δacc pts", "agreement", "MB", "speedup", "batch-invariant", "default for"]
     return headers, rows, where
@@ -143,15 +142,15 @@ def served_here(artifact: Path) -> Any:
     return Runtime(artifact, device="cpu").choice
 
 
-def pipeline(args: PipelineArgs) -> int:
-    from export.bench import BenchArgs, bench
-    from export.export import ExportArgs, export
-    from export.parity import markdown_table, text_table
+def stage_options(args: PipelineArgs, ckpt_dir: Path, art_dir: Path, bench_dir: Path) -> dict[str, Any]:
+    """Each stage's options, from its section and the directories the pipeline sets.
 
-    started = time.perf_counter()
-    root = Path(args.output)
-    ckpt_dir, art_dir, bench_dir = root / "checkpoint", root / "artifact", root / "bench"
-    # Every section is checked before any stage runs: a typo in bench: must not cost a fine-tuning run.
+    Every section is checked before any stage runs (a typo in bench: must not cost a
+    fine-tuning run), and all their problems are reported at once.
+    """
+    from bench.offline import BenchArgs
+    from export.export import ExportArgs
+
     problems: list[str] = []
     built: dict[str, Any] = {}
     specs: list[tuple[str, Any, dict[str, Any]]] = [
@@ -175,6 +174,17 @@ def pipeline(args: PipelineArgs) -> int:
             problems += e.problems
     if problems:
         raise ConfigError(problems)
+    return built
+
+
+def pipeline(args: PipelineArgs) -> int:
+    from bench.offline import bench
+    from export.export import export
+
+    started = time.perf_counter()
+    root = Path(args.output)
+    ckpt_dir, art_dir, bench_dir = root / "checkpoint", root / "artifact", root / "bench"
+    built = stage_options(args, ckpt_dir, art_dir, bench_dir)
 
     def banner(text: str) -> None:
         print(f"\n== ferry pipeline: {text}", flush=True)
@@ -201,10 +211,11 @@ def pipeline(args: PipelineArgs) -> int:
         bench(built["bench"])
         timings["bench_s"] = time.perf_counter() - t
         report = json.loads((bench_dir / "bench.json").read_text(encoding="utf-8"))
-    served = served_here(art_dir) if export_rc == 0 and manifest.get("task") != IMAGE_TASK else None
+    image = task_named(manifest.get("task")).image
+    served = served_here(art_dir) if export_rc == 0 and not image else None
     headers, rows, where = summary_rows(manifest, report, served.variant if served else None)
     held = next((((v.get("parity") or {}).get("heldout")) for v in manifest["variants"].values() if (v.get("parity") or {}).get("heldout")), None)
-    unit = "images" if manifest.get("task") == IMAGE_TASK else "texts"
+    unit = "images" if image else "texts"
     head = f"PyTorch accuracy {held['pytorch']['accuracy']:.4f} on {held['examples']} held-out {unit}; " if held else ""
     banner("summary")
     print(head + where)
