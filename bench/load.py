@@ -45,7 +45,7 @@ class LoadBenchArgs:
 
     url: str | None = opt(None, "the server's base URL, e.g. http://127.0.0.1:3000")
     concurrency: list[int] = opt([1, 4, 16, 64], "closed-loop levels: clients sending back to back", check=lambda v: None if all(c > 0 for c in v) else "levels must be > 0")
-    rates: list[float] = opt([], "open-loop levels in requests/s (default: 25,50,75,100,125% of the closed loop's best)", check=lambda v: None if all(r > 0 for r in v) else "rates must be > 0")
+    rates: list[float] = opt([], "open-loop levels in requests/s (default: 25,50,75,100,125 percent of the closed loop's best)", check=lambda v: None if all(r > 0 for r in v) else "rates must be > 0")
     sweeps: list[str] = opt(["closed", "open"], "which sweeps to run", choices=("closed", "open"))
     latency_budget_ms: float = opt(2000.0, "stop a sweep after the first level whose p99 passes this", check=positive)
     texts: str = opt(DEMO_TEXTS, "texts to send: a .txt file (one per line), or a labelled file or <label>/*.txt directory")

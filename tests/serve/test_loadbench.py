@@ -59,6 +59,14 @@ def test_unreachable_url_is_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_help_lists_the_load_test_options(capsys):
+    with pytest.raises(SystemExit) as e:  # argparse exits after printing the help
+        main(["bench", "--url", "http://127.0.0.1:3000", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "load-test a live ferry server" in out and "--rates" in out and "125 percent of the closed loop's best" in out
+
+
 def test_bad_url_is_a_config_error(tmp_path, capsys):
     assert main(["bench", "--url", "localhost:3000", "--output", str(tmp_path / "x")]) == 2
     assert "expected http://HOST:PORT" in capsys.readouterr().err
