@@ -28,7 +28,7 @@ Two probes of the mechanisms, printed (no set-ups):
 
 - ``--spin``: per engine (PyTorch and each variant, each in a fresh process), the CPU time
   its process burns while idle in the 200 ms after a run (thread pools spinning), and how
-  long ``export.bench.wait_idle`` waits for it;
+  long ``bench.timing.wait_idle`` waits for it;
 - ``--threads-probe 2,1``: PyTorch alone at the cell with each intra-op thread count, alternated
   in rounds in one process (a 2-thread OpenMP team on 2 shared cores stalls at every
   barrier when another program takes a core).
@@ -77,13 +77,14 @@ SETUPS: dict[str, list[Proc]] = {
     "old-bench-no-settle": [Proc(torch=True, ort=("*",), sampler=True)],
     "ort-loaded-idle": [Proc(torch=True, ort=("*",), run_ort=False)],
     "sampler-only": [Proc(torch=True, sampler=True, settle=True)],
-    # "*" split: one process per variant; the parent waits for each to go idle (export.bench.wait_idle)
+    # "*" split: one process per variant; the parent waits for each to go idle (bench.timing.wait_idle)
     "process-per-engine": [Proc(ort=("*",), idle_wait=True), Proc(torch=True, hwm=True, idle_wait=True)],
 }
 
 
 def worker(conn: Any, proc: Proc, artifact: str, variants: list[str], threads: int, batch: dict) -> None:
-    from export.bench import SETTLE_S, EngineSpec, HighWaterRSS, NoMemory, PeakRSS, load_pytorch, load_variant
+    from bench.engines import EngineSpec, load_pytorch, load_variant
+    from bench.timing import SETTLE_S, HighWaterRSS, NoMemory, PeakRSS
     from runtime.artifact import check_valid_artifact_dir
 
     art = check_valid_artifact_dir(artifact)
@@ -137,7 +138,8 @@ def worker(conn: Any, proc: Proc, artifact: str, variants: list[str], threads: i
 def spin_probe(conn: Any, artifact: str, variant: str | None, threads: int, batch: dict) -> None:
     """In a fresh process: after each of 3 runs, the CPU ms this process burns while its
     caller sleeps, at 2..200 ms (sent back), so the parent can also time wait_idle."""
-    from export.bench import EngineSpec, load_pytorch, load_variant, process_cpu_ns
+    from bench.engines import EngineSpec, load_pytorch, load_variant
+    from bench.timing import process_cpu_ns
     from runtime.artifact import check_valid_artifact_dir
 
     if variant is None:
@@ -165,7 +167,7 @@ def spin_probe(conn: Any, artifact: str, variant: str | None, threads: int, batc
     conn.recv()
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", required=True)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -180,61 +182,59 @@ def main() -> int:
     a = ap.parse_args()
     if not (a.output or a.spin or a.threads_probe):
         ap.error("--output (set-ups), --spin or --threads-probe")
+    return a
 
-    import multiprocessing
 
-    from export.bench import BenchArgs, machine_info, percentile, text_grid, wait_idle
-    from export.parity import default_threads, markdown_table, text_table
-    from runtime.artifact import check_valid_artifact_dir
+def spin(ctx: Any, artifact: str, variants: list[str], threads: int, cell: Any) -> None:
+    """The --spin probe: per engine, in a fresh process, the CPU burnt while idle after a run,
+    and how long wait_idle waits for it."""
+    from bench.timing import wait_idle
 
-    art = check_valid_artifact_dir(a.artifact)
-    variants = [v for v in a.variants.split(",") if v] or [
-        n for n, v in art.variants.items() if v.spec.device == "cpu" and v.spec.engine == "onnxruntime"]
-    threads = a.threads or default_threads()
-    [cell] = text_grid(art, BenchArgs(artifact=a.artifact, batch_sizes=[a.batch_size], seq_lengths=[a.seq_length]), None)
-    batch = cell.batches[0]
-    ctx = multiprocessing.get_context("spawn")
-    if a.spin:
-        for variant in [None, *variants]:
-            parent, child = ctx.Pipe()
-            pr = ctx.Process(target=spin_probe, args=(child, a.artifact, variant, threads, batch), daemon=True)
-            pr.start()
-            rows = parent.recv()
-            parent.send("again")
-            parent.recv()
-            waited = wait_idle(pr.pid)
-            parent.send("stop")
-            pr.join(10)
-            name = variant or "pytorch-fp32"
-            for marks in rows:
-                print(f"{name} at {cell.label}: CPU ms burnt while idle after a run: " + " ".join(f"{ms}ms:{c:.0f}" for ms, c in marks), flush=True)
-            print(f"{name}: wait_idle waited {1e3 * waited:.0f} ms (load average {os.getloadavg()[0]:.1f})", flush=True)
-        return 0
-    if a.threads_probe:
-        import torch
+    for variant in [None, *variants]:
+        parent, child = ctx.Pipe()
+        pr = ctx.Process(target=spin_probe, args=(child, artifact, variant, threads, cell.batches[0]), daemon=True)
+        pr.start()
+        rows = parent.recv()
+        parent.send("again")
+        parent.recv()
+        waited = wait_idle(pr.pid)
+        parent.send("stop")
+        pr.join(10)
+        name = variant or "pytorch-fp32"
+        for marks in rows:
+            print(f"{name} at {cell.label}: CPU ms burnt while idle after a run: " + " ".join(f"{ms}ms:{c:.0f}" for ms, c in marks), flush=True)
+        print(f"{name}: wait_idle waited {1e3 * waited:.0f} ms (load average {os.getloadavg()[0]:.1f})", flush=True)
 
-        from export.bench import EngineSpec, load_pytorch
 
-        counts = [int(x) for x in a.threads_probe.split(",")]
-        e = load_pytorch(EngineSpec("pytorch-fp32-cpu", "pytorch", "cpu", "fp32", engine="torch"), a.artifact, None, counts[0])
-        b = e.prepare(batch)
-        got: dict[int, list[float]] = {n: [] for n in counts}
-        for r in range(a.rounds):
-            for n in counts:
-                torch.set_num_threads(n)
-                e.run(b)
-                lat = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    e.run(b)
-                    lat.append(1e3 * (time.perf_counter() - t0))
-                got[n] += lat
-                print(f"round {r + 1} threads {n}: {[round(x) for x in lat]} ms (load average {os.getloadavg()[0]:.1f})", flush=True)
+def threads_probe(artifact: str, counts: list[int], rounds: int, cell: Any) -> None:
+    """The --threads-probe: PyTorch alone at the cell, its thread count alternated in rounds in one process."""
+    import torch
+
+    from bench.engines import EngineSpec, load_pytorch
+    from bench.report import percentile
+
+    e = load_pytorch(EngineSpec("pytorch-fp32-cpu", "pytorch", "cpu", "fp32", engine="torch"), artifact, None, counts[0])
+    b = e.prepare(cell.batches[0])
+    got: dict[int, list[float]] = {n: [] for n in counts}
+    for r in range(rounds):
         for n in counts:
-            print(f"threads {n}: p50 {percentile(got[n], 50):.0f} ms, min {min(got[n]):.0f} ms over {len(got[n])} calls at {cell.label}")
-        return 0
+            torch.set_num_threads(n)
+            e.run(b)
+            lat = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                e.run(b)
+                lat.append(1e3 * (time.perf_counter() - t0))
+            got[n] += lat
+            print(f"round {r + 1} threads {n}: {[round(x) for x in lat]} ms (load average {os.getloadavg()[0]:.1f})", flush=True)
+    for n in counts:
+        print(f"threads {n}: p50 {percentile(got[n], 50):.0f} ms, min {min(got[n]):.0f} ms over {len(got[n])} calls at {cell.label}")
+
+
+def expand_setups(names: list[str], variants: list[str]) -> dict[str, list[Proc]]:
+    """The processes of each set-up, "*" replaced by the variants (a process each where PyTorch is not in it)."""
     setups = {}
-    for name in a.setups.split(","):
+    for name in names:
         procs = []
         for p in SETUPS[name]:
             if p.ort == ("*",) and not p.torch:  # one process per variant
@@ -242,25 +242,36 @@ def main() -> int:
             else:
                 procs.append(dataclasses.replace(p, ort=tuple(variants) if p.ort == ("*",) else p.ort))
         setups[name] = procs
+    return setups
+
+
+def start_setups(ctx: Any, setups: dict[str, list[Proc]], artifact: str, threads: int, cell: Any) -> dict[str, list[Any]]:
+    """Every set-up's processes, loaded and warmed up: (Proc, pipe, process) per process."""
     handles: dict[str, list[Any]] = {}
     for name, procs in setups.items():
         handles[name] = []
         for p in procs:
             parent, child = ctx.Pipe()
-            pr = ctx.Process(target=worker, args=(child, p, a.artifact, list(p.ort), threads, batch), daemon=True)
+            pr = ctx.Process(target=worker, args=(child, p, artifact, list(p.ort), threads, cell.batches[0]), daemon=True)
             pr.start()
             child.close()
             handles[name].append((p, parent, pr))
-    for name, hs in handles.items():
+    for hs in handles.values():
         for _, conn, _ in hs:
             assert conn.recv() == "ready"
             conn.send("warmup")
             conn.recv()
-    print(f"{len(setups)} set-ups ready; {a.rounds} rounds of PyTorch eager fp32 at {cell.label}, threads {threads}", flush=True)
-    started = time.perf_counter()
-    load_start = os.getloadavg()
+    return handles
+
+
+def time_setups(handles: dict[str, list[Any]], rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """One PyTorch call per set-up and round, the set-ups in turn (reversed every other
+    round); returns each set-up's PyTorch calls and stops the processes."""
+    from bench.timing import wait_idle
+
+    setups = list(handles)
     calls: dict[str, list[dict[str, Any]]] = {n: [] for n in setups}
-    for r in range(a.rounds):
+    for r in range(rounds):
         order = list(setups) if r % 2 == 0 else list(reversed(setups))  # no set-up always first after another
         for name in order:
             torch_out = None
@@ -277,6 +288,13 @@ def main() -> int:
         for _, conn, pr in hs:
             conn.send("stop")
             pr.join(10)
+    return calls
+
+
+def summarize_setups(calls: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, dict[str, Any]], list[list[str]]]:
+    """Per set-up: p50, min, the median per-round ratio to ``alone`` and the rusage medians; and the table rows."""
+    from bench.report import percentile
+
     alone = [c["torch_s"] for c in calls["alone"]] if "alone" in calls else None
     rows, summary = [], {}
     for name, cs in calls.items():
@@ -290,6 +308,37 @@ def main() -> int:
         rows.append([name, f"{s['p50_ms']:.0f}", f"{s['min_ms']:.0f}", "-" if ratio is None else f"{ratio:.2f}",
                      f"{s['user_ms_per_call']:.0f}", f"{s['sys_ms_per_call']:.0f}",
                      f"{s['minflt_per_call']:.0f}", f"{s['nivcsw_per_call']:.0f}", f"{s['nvcsw_per_call']:.0f}"])
+    return summary, rows
+
+
+def main() -> int:
+    a = parse_args()
+    import multiprocessing
+
+    from bench.offline import BenchArgs, text_grid
+    from bench.report import isa_text, machine_info
+    from export.parity import default_threads
+    from ferry.tables import markdown_table, text_table
+    from runtime.artifact import check_valid_artifact_dir
+
+    art = check_valid_artifact_dir(a.artifact)
+    variants = [v for v in a.variants.split(",") if v] or [
+        n for n, v in art.variants.items() if v.spec.device == "cpu" and v.spec.engine == "onnxruntime"]
+    threads = a.threads or default_threads()
+    [cell] = text_grid(art, BenchArgs(artifact=a.artifact, batch_sizes=[a.batch_size], seq_lengths=[a.seq_length]))
+    ctx = multiprocessing.get_context("spawn")
+    if a.spin:
+        spin(ctx, a.artifact, variants, threads, cell)
+        return 0
+    if a.threads_probe:
+        threads_probe(a.artifact, [int(x) for x in a.threads_probe.split(",")], a.rounds, cell)
+        return 0
+    setups = expand_setups(a.setups.split(","), variants)
+    handles = start_setups(ctx, setups, a.artifact, threads, cell)
+    print(f"{len(setups)} set-ups ready; {a.rounds} rounds of PyTorch eager fp32 at {cell.label}, threads {threads}", flush=True)
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+    summary, rows = summarize_setups(time_setups(handles, a.rounds))
     headers = ["set-up", "p50 ms", "min ms", "ratio to alone (median per round)", "user CPU ms / call", "sys CPU ms / call",
                "minor faults / call", "invol. ctx sw / call", "vol. ctx sw / call"]
     machine = machine_info()
@@ -301,16 +350,14 @@ def main() -> int:
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "isolation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    isa = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["cpu_isa"]["features"].items())
     md = [f"# PyTorch eager fp32 at {cell.label}: in-process vs alone", "", f"- command: `{command}`",
-          f"- machine: {machine['cpu']} ({isa}), {machine['physical_cores']} cores; threads {threads}; load average "
+          f"- machine: {machine['cpu']} ({isa_text(machine['cpu_isa'])}), {machine['physical_cores']} cores; threads {threads}; load average "
           f"{list(load_start)} -> {list(os.getloadavg())}", f"- variants beside PyTorch: {', '.join(variants)}", "",
           markdown_table(headers, rows), ""]
     (out / "isolation.md").write_text("\n".join(md), encoding="utf-8")
     print(text_table(headers, rows))
     print(f"wrote {out}/isolation.json, isolation.md")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

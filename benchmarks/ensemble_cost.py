@@ -32,7 +32,9 @@ def main() -> int:
     a = ap.parse_args()
 
     from runtime.artifact import check_valid_artifact_dir
-    from export.bench import BenchArgs, EngineSpec, onnx_engine, summarize, text_cells, time_cell
+    from bench.engines import EngineSpec, onnx_engine
+    from bench.offline import BenchArgs, cell_result, text_cells
+    from bench.timing import time_cell
     from export.inputs import read_jsonl_texts
     from export.parity import default_threads
     from finetune.checkpoint import load_tokenizer
@@ -50,11 +52,11 @@ def main() -> int:
         onnx_engine(EngineSpec(f"member-{a.variant}", "onnx", "cpu", a.variant, a.variant), member.variants[a.variant].path, threads),
         onnx_engine(EngineSpec(f"ensemble-{a.variant}", "onnx", "cpu", a.variant, a.variant), ens.variants[a.variant].path, threads),
     ]
-    args = BenchArgs(max_seconds=a.max_seconds, warmup=2, window_seconds=0.5)
+    rule = BenchArgs()  # ferry bench's stability rule
     rows = []
     for cell in cells:
-        timings = time_cell(engines, cell, args)
-        got = {e.spec.name: summarize(e.spec, cell, timings[e.spec.name], args) for e in engines}
+        timings = time_cell(engines, cell, warmup=2, windows=rule.windows, max_spread=rule.spread, window_seconds=0.5, max_seconds=a.max_seconds)
+        got = {e.spec.name: cell_result(e.spec, cell, timings[e.spec.name], rule.windows, rule.spread) for e in engines}
         m, e = got[f"member-{a.variant}"], got[f"ensemble-{a.variant}"]
         row = {
             "batch_size": cell.batch_size,

