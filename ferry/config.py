@@ -163,7 +163,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         meta = f.metadata
         base, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = meta.get("help", "")
+        help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %: a literal '%' is '%%'
         if meta.get("choices"):
             help_text += f" [{'|'.join(map(str, meta['choices']))}]"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
@@ -179,7 +179,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             kwargs["metavar"] = f.name.upper() if typing.get_origin(base) is not list else "A,B,..."
         # Parse with SUPPRESS (to tell flags from config keys), but show the real default.
         if "default" not in help_text:
-            kwargs["help"] = f"{help_text} (default: {_show(default)})"
+            kwargs["help"] = f"{help_text} (default: {str(_show(default)).replace('%', '%%')})"
         parser.add_argument(*names, dest=f.name, **kwargs)
     return parser
 

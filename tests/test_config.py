@@ -93,3 +93,17 @@ def test_many_takes_space_separated_values_kept_whole_and_an_optional_positional
     assert parse(Many, ["--config", str(cfg)], prog="t", description="d").paths == ["x", "y"]
     with pytest.raises(ConfigError, match="SOURCE is required"):
         p([])  # a positional without required=False still is
+
+
+@dataclasses.dataclass
+class Percent:
+    share: float = opt(0.5, "what share of 100% to keep, e.g. 125% of the rate")
+    tag: str = opt("50%", "a tag")
+
+
+def test_a_percent_sign_in_a_help_text_or_a_default_is_printed_not_read_as_a_format(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(Percent, ["--help"], prog="t", description="d")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "100% to keep, e.g. 125% of the rate" in out and "(default: 50%)" in out
