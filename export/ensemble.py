@@ -285,7 +285,12 @@ def option_problems(members: Sequence[str], combine: str, weights: Sequence[floa
     problems = []
     if members and any(VARIANTS[v].device == "cuda" for v in variants):
         problems.append("--variants fp16, fp16-tensorrt: not available for an --ensemble in this version")
-    if not members and (weights or combine != "mean"):
+    if members:
+        try:
+            weights_for(combine, weights, len(members))
+        except ConfigError as e:
+            problems += e.problems
+    elif weights or combine != "mean":
         problems.append("--combine and --weights apply to an --ensemble only")
     return problems
 

@@ -135,14 +135,21 @@ def resolve_variants(args: ExportArgs, variants: list[str], ckpt: Any) -> list[s
     return variants
 
 
+def shared_options(args: ExportArgs) -> dict[str, Any]:
+    """The options every task's part takes, as plain values."""
+    return {
+        "calibration": Calibration(args.calibration, args.calibration_samples, args.calibration_method),
+        "heldout": Heldout(args.data, args.parity_max_examples, args.text_column, args.label_column),
+        "threads": args.threads or default_threads(),
+    }
+
+
 def open_text(args: ExportArgs, members: list[Any], variants: list[str]) -> TaskExport:
     """The part of a text checkpoint, or of an --ensemble of them, checked and loaded."""
-    options: dict[str, Any] = dict(
-        calibration=Calibration(args.calibration, args.calibration_samples, args.calibration_method),
-        heldout=Heldout(args.data, args.parity_max_examples, args.text_column, args.label_column),
-        static=StaticOptions(args.int8_smooth, args.int8_select_agreement, args.int8_select_length),
-        opset=args.opset, optimization=args.optimization, threads=args.threads or default_threads(),
-    )
+    options = {
+        **shared_options(args), "opset": args.opset, "optimization": args.optimization,
+        "static": StaticOptions(args.int8_smooth, args.int8_select_agreement, args.int8_select_length),
+    }
     if args.ensemble:
         return EnsembleExport.load_members(members, variants, combine=args.combine, weights=args.weights, **options)
     return TextExport.load(members[0], variants, **options)
@@ -150,11 +157,7 @@ def open_text(args: ExportArgs, members: list[Any], variants: list[str]) -> Task
 
 def open_image(args: ExportArgs, members: list[Any], variants: list[str]) -> TaskExport:
     """The part of an image checkpoint, checked and loaded."""
-    return ImageExport.load(
-        members[0], variants, calibration=Calibration(args.calibration, args.calibration_samples, args.calibration_method),
-        heldout=Heldout(args.data, args.parity_max_examples, args.text_column, args.label_column),
-        gate=args.int8_min_agreement, threads=args.threads or default_threads(),
-    )
+    return ImageExport.load(members[0], variants, gate=args.int8_min_agreement, **shared_options(args))
 
 
 # The part of each task: ExportArgs' options passed on as plain values.
