@@ -1,4 +1,4 @@
-"""The image-classification part of `ferry export` (:class:`ImageExport`), and its parity inputs.
+"""The image classification part of `ferry export` (:class:`ImageExport`), and its parity inputs.
 
 The ONNX graph takes ``pixel_values`` float32 ``[batch, 3, H, W]`` (dynamic batch, H and W
 fixed at the checkpoint's image size) and returns ``logits``. It is made by

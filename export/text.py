@@ -1,4 +1,4 @@
-"""The text-classification part of `ferry export` (:class:`TextExport`).
+"""The text classification part of `ferry export` (:class:`TextExport`).
 
 1. optimum's exporter on the checkpoint directory (dynamic batch and sequence axes, the
    architecture's own inputs, external data above 2 GB);
