@@ -49,6 +49,11 @@ class Heldout:
     """Texts: the label column of ``data``."""
 
 
+def model_labels(ckpt: Any, model: Any) -> list[str]:
+    """The labels of a checkpoint's model, in output order ("0", "1", ... where it names none)."""
+    return ckpt.labels or [str(i) for i in range(int(model.config.num_labels))]
+
+
 @dataclasses.dataclass
 class Graph:
     """The fp32 graph a part exported: its manifest entry, how long it took, and its signature."""

@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from export.base import Calibration, Graph, Heldout
-from export.parity import Progress, Reference, build_reference, load_labelled_data, pytorch_accuracy, text_batches, usable_length
+from export.base import Calibration, Graph, Heldout, model_labels
+from export.parity import Progress, Reference, build_reference, load_labelled_data, pytorch_accuracy, text_batches
 from export.text import (
-    StaticOptions, TextExport, calibration_texts, check_model_type, check_tokenizer, no_fp32_matmuls, onnx_export, optimize, place,
+    StaticOptions, TextExport, calibration_texts, check_model_type, check_tokenizer, max_length_of, no_fp32_matmuls, onnx_export,
+    optimize, place,
 )
 from export.writer import graph_info
 from ferry.errors import CheckpointError, ConfigError
@@ -323,11 +324,8 @@ class EnsembleExport(TextExport):
         tokenizer = load_tokenizer(first.path)
         check_tokenizer(first, tokenizer)
         models = [load_model(m).eval() for m in members]
-        labels = first.labels or [str(i) for i in range(int(models[0].config.num_labels))]
-        max_length = min(
-            usable_length(x.config, m.max_length if m.manifest else min(512, tokenizer.model_max_length or 512))
-            for m, x in zip(members, models)
-        )
+        labels = model_labels(first, models[0])
+        max_length = min(max_length_of(m, x, tokenizer) for m, x in zip(members, models))
         calib = calibration_texts(first, calibration, heldout.text_column) if "int8-static" in variants else []
         split = heldout_of(members, heldout.data)
         labelled = load_labelled_data(labels, split, heldout.data, heldout.text_column, heldout.label_column, heldout.max_examples)

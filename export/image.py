@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from export import quantize
-from export.base import Calibration, Graph, Heldout, Maker, TaskExport
+from export.base import Calibration, Graph, Heldout, Maker, TaskExport, model_labels
 from export.parity import HELDOUT_BATCH, INVARIANCE_TEXTS, Labelled, Progress, Reference, torch_logits
 from export.writer import graph_info
 from ferry.errors import DataError, FerryError, first_line
@@ -243,7 +243,7 @@ class ImageExport(TaskExport):
             raise DataError(f"--calibration {calibration.source}: an image checkpoint calibrates on a <label>/<image> folder; no such directory")
         processor = load_processor(ckpt.path)
         model = load_model(ckpt).eval()
-        labels = ckpt.labels or [str(i) for i in range(int(model.config.num_labels))]
+        labels = model_labels(ckpt, model)
         calib, validation = [], None
         if "int8-static" in variants:
             folder = Path(calibration.source) if calibration.source else ckpt.calibration

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from export import quantize
-from export.base import Calibration, Graph, Heldout, Maker, TaskExport
+from export.base import Calibration, Graph, Heldout, Maker, TaskExport, model_labels
 from export.parity import Labelled, Progress, Reference, build_reference, load_labelled_data, text_batches, torch_logits, usable_length
 from export.writer import graph_info
 from ferry.errors import CheckpointError, DataError, FerryError, first_line
@@ -191,6 +191,12 @@ def place(src: Path, dst: Path) -> dict[str, Any]:
     return {"external_data": {"file": data.name, "sha256": sha256_file(data), "bytes": data.stat().st_size}}
 
 
+def max_length_of(ckpt: Any, model: Any, tokenizer: Any) -> int:
+    """The tokens per text the graph is checked and served at: the checkpoint's training length (a
+    plain Hugging Face directory: the tokenizer's, at most 512), within the model's positions."""
+    return usable_length(model.config, ckpt.max_length if ckpt.manifest else min(512, tokenizer.model_max_length or 512))
+
+
 def write_reference(path: Path, model: Any, tokenizer: Any, labelled: Labelled, tokens: int, input_names: Sequence[str]) -> dict[str, Any]:
     """PyTorch's logits on up to :data:`REFERENCE_TEXTS` held-out texts cut at ``tokens``, with
     their token ids, written as JSON lines; `ferry serve` re-checks variants against them."""
@@ -255,8 +261,8 @@ class TextExport(TaskExport):
         tokenizer = load_tokenizer(ckpt.path)
         check_tokenizer(ckpt, tokenizer)
         model = load_model(ckpt).eval()
-        labels = ckpt.labels or [str(i) for i in range(int(model.config.num_labels))]
-        max_length = usable_length(model.config, ckpt.max_length if ckpt.manifest else min(512, tokenizer.model_max_length or 512))
+        labels = model_labels(ckpt, model)
+        max_length = max_length_of(ckpt, model, tokenizer)
         calib = calibration_texts(ckpt, calibration, heldout.text_column) if "int8-static" in variants else []
         labelled = load_labelled_data(labels, ckpt.heldout, heldout.data, heldout.text_column, heldout.label_column, heldout.max_examples)
         return cls(ckpt, model, tokenizer, labels=labels, max_length=max_length, labelled=labelled, calib=calib,
