@@ -18,14 +18,25 @@ PyTorch from the members' own models; parity compares the two.
 
 This version requires one tokenizer shared by all members (the same files), and the
 same labels in the same order.
+
+:class:`EnsembleExport` is the ensemble's part of `ferry export`: every way an ensemble's export
+differs from a text checkpoint's, in one place.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from export.base import Calibration, Graph, Heldout, model_labels
+from export.parity import Progress, Reference, build_reference, load_labelled_data, pytorch_accuracy, text_batches
+from export.text import (
+    StaticOptions, TextExport, calibration_texts, check_model_type, check_tokenizer, max_length_of, no_fp32_matmuls, onnx_export,
+    optimize, place,
+)
+from export.writer import graph_info
 from ferry.errors import CheckpointError, ConfigError
 
 COMBINE = ("mean", "weighted", "vote")
@@ -248,8 +259,6 @@ def heldout_pass(ensemble: Any, tokenizer: Any, labelled: Any, max_length: int, 
     import numpy as np
     import torch
 
-    from export.parity import text_batches
-
     batches, index = text_batches(tokenizer, labelled.texts, max_length, input_names)
     y = np.asarray(labelled.label_ids)
     logits = None
@@ -265,3 +274,121 @@ def heldout_pass(ensemble: Any, tokenizer: Any, labelled: Any, max_length: int, 
             for i, p in enumerate(probs):
                 pred[i, ix] = p.argmax(-1).numpy()
     return logits, [float((row == y).mean()) for row in pred]
+
+
+# ---------------------------------------------------------------- the ensemble's part of `ferry export`
+
+
+def option_problems(members: Sequence[str], combine: str, weights: Sequence[float], variants: Sequence[str]) -> list[str]:
+    """What `ferry export` refuses of the ensemble options (``members``: --ensemble's checkpoints)."""
+    from runtime.artifact import VARIANTS
+
+    problems = []
+    if members and any(VARIANTS[v].device == "cuda" for v in variants):
+        problems.append("--variants fp16, fp16-tensorrt: not available for an --ensemble in this version")
+    if members:
+        try:
+            weights_for(combine, weights, len(members))
+        except ConfigError as e:
+            problems += e.problems
+    elif weights or combine != "mean":
+        problems.append("--combine and --weights apply to an --ensemble only")
+    return problems
+
+
+class EnsembleExport(TextExport):
+    """Every difference an ensemble makes to a text export: each member exported and optimized, then
+    one graph composed (:func:`compose`); int8-static keeps every MatMul quantized and no MHA split;
+    the PyTorch reference is :func:`torch_ensemble`, its held-out logits and each member's accuracy
+    computed in one pass (:func:`heldout_pass`); the manifest names the members."""
+
+    def __init__(self, members: list[Any], weights: list[float], combine: str, **text: Any):
+        super().__init__(members[0], **text)
+        self.members, self.weights, self.combine = members, weights, combine
+        self.accuracies: list[float | None] = [None] * len(members)
+
+    @classmethod
+    def load_members(
+        cls, members: list[Any], variants: Sequence[str], *, combine: str, weights: Sequence[float], calibration: Calibration,
+        heldout: Heldout, static: StaticOptions, opset: int | None, optimization: str, threads: int,
+    ) -> EnsembleExport:
+        """The weights, each member's model type and the shared tokenizer checked (:func:`check_members`
+        checked the rest), then the members, the tokenizer and the data loaded (the members' common
+        held-out split, or ``heldout.data``)."""
+        from finetune.checkpoint import load_model, load_tokenizer
+
+        normalized = weights_for(combine, weights, len(members))
+        for m in members:
+            check_model_type(m)
+        first = members[0]
+        tokenizer = load_tokenizer(first.path)
+        check_tokenizer(first, tokenizer)
+        models = [load_model(m).eval() for m in members]
+        labels = model_labels(first, models[0])
+        max_length = min(max_length_of(m, x, tokenizer) for m, x in zip(members, models))
+        calib = calibration_texts(first, calibration, heldout.text_column) if "int8-static" in variants else []
+        split = heldout_of(members, heldout.data)
+        labelled = load_labelled_data(labels, split, heldout.data, heldout.text_column, heldout.label_column, heldout.max_examples)
+        return cls(
+            members, normalized, combine, model=torch_ensemble(models, normalized, combine), tokenizer=tokenizer,
+            labels=labels, max_length=max_length, labelled=labelled, calib=calib, calibration=calibration, static=static,
+            opset=opset, optimization=optimization, threads=threads,
+        )
+
+    def graph(self, work: Path, fp32: Path, say: Callable[..., None]) -> Graph:
+        started = time.perf_counter()
+        export_s, member_opt = 0.0, []
+        for i, m in enumerate(self.members):
+            say(f"exporting member {i + 1}/{len(self.members)} {m.path} ({m.model_type}) to ONNX and optimizing it ({self.optimization})",
+                same_step=i > 0)
+            t = time.perf_counter()
+            onnx_export(m, work / f"m{i}" / "raw", self.opset)
+            export_s += time.perf_counter() - t
+            member_opt.append(optimize(work / f"m{i}" / "raw", work / f"m{i}" / "opt", self.optimization, m.model_type))
+        say(f"composing the ensemble graph ({self.combine})")
+        files = [work / f"m{i}" / "opt" / "model.onnx" for i in range(len(self.members))]
+        graph = compose(files, work / "opt" / "model.onnx", self.combine, self.weights, len(self.labels))
+        self.raw_dir, self.fp32 = work / "m0" / "raw", fp32
+        self.opt_info = {"level": self.optimization, "members": member_opt, "ensemble": graph}
+        opset, self.inputs, outputs = graph_info(work / "opt" / "model.onnx")
+        entry = {"optimization": self.opt_info, **place(work / "opt" / "model.onnx", fp32)}
+        # optimize_s: the members' optimization and the composition
+        timings = {"export_s": export_s, "optimize_s": time.perf_counter() - started - export_s}
+        return Graph(entry, timings, opset, self.inputs, outputs)
+
+    def static_base(self, work: Path) -> tuple[Path, dict[str, Any]]:
+        return self.fp32, self.opt_info
+
+    def fp32_matmuls(self, quantizer: Any, base: Path, out: Path, work: Path) -> dict[str, Any]:
+        return no_fp32_matmuls(quantizer, out, "an ensemble")
+
+    def reference(self, inputs: list[str], batch_sizes: list[int], seq_lengths: list[int], seed: int,
+                  progress: Progress | None) -> Reference:
+        logits = None
+        if self.labelled is not None:
+            # the members run once: the reference's held-out logits and each member's accuracy
+            logits, self.accuracies = heldout_pass(self.model, self.tokenizer, self.labelled, self.max_length, inputs, progress)
+        return build_reference(self.model, self.tokenizer, self.labels, self.labelled, self.max_length, inputs,
+                               batch_sizes=batch_sizes, seq_lengths=seq_lengths, seed=seed, progress=progress,
+                               heldout_logits=logits)
+
+    def source(self) -> dict[str, Any]:
+        return {"ensemble": [str(m.path.resolve()) for m in self.members], "model_type": self.ckpt.model_type}
+
+    def extra(self, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        members = [
+            {"checkpoint": str(m.path.resolve()), "manifest_sha256": m.manifest_sha256, "model_type": m.model_type,
+             "weight": w, "heldout_accuracy": acc}
+            for m, w, acc in zip(self.members, self.weights, self.accuracies)
+        ]
+        return {"ensemble": {
+            "combine": self.combine,
+            "members": members,
+            "heldout_accuracy": pytorch_accuracy(variants),
+            "heldout_source": self.labelled.source if self.labelled else None,
+        }}
+
+    def report(self, manifest: dict[str, Any]) -> None:
+        for i, m in enumerate(manifest["ensemble"]["members"], 1):
+            acc = m["heldout_accuracy"]
+            print(f"member {i} {m['checkpoint']}: weight {m['weight']:.3f}, PyTorch accuracy " + ("-" if acc is None else f"{acc:.4f}"))

@@ -1,25 +1,30 @@
-"""`ferry parity`: does each ONNX variant compute what the PyTorch model computes?
+"""Parity: does each ONNX variant compute what the PyTorch model computes?
 
-For every variant, PyTorch (fp32, eval mode) and ONNX Runtime see the very same arrays:
+A library of plain functions with typed errors, after optimum-onnx's
+``exporters/onnx/convert.py`` ``_run_validation``. For every variant, PyTorch (fp32, eval mode)
+and the variant's engine see the very same arrays (a :class:`Reference`, computed once for all
+variants by the task: :func:`build_reference` for texts, ``export.image.build_image_reference``
+for images):
 
-1. random tokens at several batch sizes and sequence lengths, right-padded with varied
-   real lengths inside a batch, and
-2. the checkpoint's held-out split (or ``--data FILE``).
+1. random inputs at several batch sizes (and, for texts, sequence lengths, right-padded with
+   varied real lengths inside a batch), and
+2. the checkpoint's held-out split (or ``--data``).
 
-Checked like optimum's ``validate_model_outputs``: the output names, then the shapes,
-then the values (max and mean |Δlogit|), and further: label agreement with PyTorch,
-accuracy and macro-F1 of both, and batch invariance (each text alone versus inside mixed
-batches). Gates, all configurable:
+:func:`validate` checks the output names, then the shapes and the values on every input, and
+further: label agreement with PyTorch, accuracy and macro-F1 of both, and batch invariance (each
+input alone versus inside mixed batches). It collects every shape failure, or every gate missed,
+then raises :class:`OutputMismatch` or :class:`ValueMismatch` (both a :class:`VariantFailed`,
+a ``ParityError``). Gates (:class:`Gates`), all configurable:
 
 - fp32: max |Δlogit| <= 1e-4;
 - fp16: max |Δlogit| <= 1e-2, on CUDA only; without CUDA the variant is "unverified";
-- int8, int8-static: label agreement >= 99% and accuracy drop <= 1.0 point on labelled
+- int8, int8-static, bf16: label agreement >= 99.5% and accuracy drop <= 1.0 point on labelled
   data; without labelled data they are "unverified" (no logit tolerance means anything
   for int8).
 
-A failing variant is recorded as "fail" and is never served. ``ferry export`` runs the
-same :func:`run_parity`; ``ferry parity`` re-checks an existing artifact and exits 1
-when a checked variant fails.
+:func:`check_variant` records a failure as the variant's parity block with status "fail" (never
+served); ``ferry export`` and ``ferry parity`` (export/verify.py) run every variant through it
+with :func:`run_parity`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from runtime.artifact import FAIL, PASS, UNVERIFIED, VARIANTS, VariantSpec
 from runtime.engines import softmax
 from export.inputs import collate, encode, pad_id, random_ids, read_jsonl_texts
 from ferry.config import non_negative, opt, positive
-from ferry.errors import DataError, first_line
+from ferry.errors import DataError, ParityError, first_line
 from ferry.tables import fmt, text_table
 
 HELDOUT_BATCH = 32
@@ -45,9 +50,36 @@ INVARIANCE_TEXTS = 32
 # cost the demo's export about 10 s a variant on 2 cores).
 INVARIANCE_TOKENS = 128
 
+Progress = Callable[[Any, str], Any]
+"""Wraps an iterable of batches with a description (a progress bar), or returns it as is."""
+
 
 def _unit_interval(value: Any) -> str | None:
     return None if value is None or 0 <= value <= 1 else "must be in [0, 1]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """The limits a variant is judged by."""
+
+    fp32_max_diff: float
+    """fp32 variants: largest allowed max |logit difference| to PyTorch."""
+    fp16_max_diff: float
+    """fp16 variants: the same, checked on CUDA only."""
+    int8_min_agreement: float
+    """int8 and bf16 variants: least fraction of labels equal to PyTorch's."""
+    int8_max_drop: float
+    """int8 and bf16 variants: largest accuracy drop from PyTorch, in points."""
+    invariance_tol: float
+    """Batch-invariant when no label flips and max |probability difference| is at most this."""
+
+    def for_precision(self, precision: str) -> dict[str, float]:
+        """fp32 and fp16 are judged by logits; int8 and bf16 (whose logits move by design) by labels and accuracy."""
+        if precision == "fp32":
+            return {"max_abs_diff": self.fp32_max_diff}
+        if precision == "fp16":
+            return {"max_abs_diff": self.fp16_max_diff}
+        return {"min_agreement": self.int8_min_agreement, "max_accuracy_drop_points": self.int8_max_drop}
 
 
 @dataclasses.dataclass
@@ -66,6 +98,10 @@ class GateArgs:
     seed: int = opt(0, "seed of the random-token inputs")
     quiet: bool = opt(False, "no progress bars")
 
+    def gates(self) -> Gates:
+        """The gates these options set."""
+        return Gates(self.fp32_max_diff, self.fp16_max_diff, self.int8_min_agreement, self.int8_max_drop, self.invariance_tol)
+
 
 @dataclasses.dataclass
 class Labelled:
@@ -74,6 +110,41 @@ class Labelled:
     texts: list[str]
     label_ids: list[int]
     source: str
+
+
+# ---------------------------------------------------------------- the errors
+
+
+class VariantFailed(ParityError):
+    """A variant computes something else than PyTorch: every failure found (not only the first),
+    and its parity block as recorded in the manifest (status "fail", the failures as its reason)."""
+
+    def __init__(self, variant: str, failures: Sequence[str], block: dict[str, Any]):
+        self.variant = variant
+        self.failures = list(failures)
+        self.block = {**block, "status": FAIL, "reason": "; ".join(self.failures)}
+        super().__init__(f"{variant}: {self.block['reason']}")
+
+
+class OutputMismatch(VariantFailed):
+    """Outputs or inputs not named, or outputs not shaped, like PyTorch's (optimum's OutputMatchError
+    and ShapeError): no value was judged."""
+
+    def __init__(self, variant: str, failures: Sequence[str], block: dict[str, Any]):
+        super().__init__(variant, failures, block)
+        self.block.update(checks={"outputs": self.block["reason"]}, batch_invariance=None)
+
+
+class ValueMismatch(VariantFailed):
+    """Values beyond the variant's gates (optimum's AtolError): the block holds every measurement."""
+
+
+class EngineFailed(VariantFailed):
+    """The engine raised while running the variant (a kernel that fails on this model)."""
+
+    def __init__(self, variant: str, failures: Sequence[str], block: dict[str, Any]):
+        super().__init__(variant, failures, block)
+        self.block["batch_invariance"] = None
 
 
 # ---------------------------------------------------------------- running the models
@@ -90,6 +161,15 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def use_threads(threads: int | None) -> int:
+    """Run PyTorch on ``threads`` CPU threads (default: the physical cores); returns that count."""
+    import torch
+
+    count = threads or default_threads()
+    torch.set_num_threads(count)
+    return count
+
+
 def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
     import torch
 
@@ -98,25 +178,22 @@ def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-
-
-class OutputMismatch(Exception):
-    """The ONNX model's outputs are not named or shaped like PyTorch's."""
-
-
-def engine_logits(engine: Any, feeds: dict[str, np.ndarray], num_labels: int) -> np.ndarray:
-    """Run ``engine``; check the output name, then the shape (validate_model_outputs' order)."""
-    if "logits" not in engine.output_names:
-        raise OutputMismatch(f"outputs are {engine.output_names}, expected 'logits'")
-    missing = [n for n in engine.input_names if n not in feeds]
-    if missing:
-        raise OutputMismatch(f"the model wants inputs {missing} that the tokenizer does not produce")
-    logits = engine.run({n: feeds[n] for n in engine.input_names})
-    batch = next(iter(feeds.values())).shape[0]
+def shape_problem(logits: np.ndarray, batch: int, num_labels: int) -> str | None:
+    """What is wrong with the shape of a batch's ``logits``, or None."""
     if logits.shape != (batch, num_labels):
-        raise OutputMismatch(f"logits shape {tuple(logits.shape)}, PyTorch's is {(batch, num_labels)}")
-    return logits
+        return f"logits shape {tuple(logits.shape)}, PyTorch's is {(batch, num_labels)}"
+    return None
 
+
+def name_problems(engine: Any, feed_names: Sequence[str]) -> list[str]:
+    """The output and input names of ``engine`` that do not fit the parity feeds (validate_model_outputs' first check)."""
+    problems = []
+    if "logits" not in engine.output_names:
+        problems.append(f"outputs are {engine.output_names}, expected 'logits'")
+    missing = [n for n in engine.input_names if n not in feed_names]
+    if missing:
+        problems.append(f"the model wants inputs {missing} that the tokenizer does not produce")
+    return problems
 
 
 # ---------------------------------------------------------------- inputs
@@ -209,13 +286,14 @@ class Reference:
 
 def build_reference(
     model: Any, tokenizer: Any, labels: Sequence[str], labelled: Labelled | None, max_length: int,
-    input_names: Sequence[str], args: GateArgs, progress: Callable[[Any, str], Any] | None = None,
-    heldout_logits: np.ndarray | None = None,
+    input_names: Sequence[str], *, batch_sizes: Sequence[int], seq_lengths: Sequence[int], seed: int,
+    progress: Progress | None = None, heldout_logits: np.ndarray | None = None,
 ) -> Reference:
-    """PyTorch's logits on the random cases and the held-out texts (``heldout_logits``: already
-    computed by the caller in :func:`text_batches` order, e.g. an ensemble's one member pass)."""
+    """PyTorch's logits on the random token cases (``batch_sizes`` x ``seq_lengths``, drawn from
+    ``seed``) and the held-out texts (``heldout_logits``: already computed by the caller in
+    :func:`text_batches` order, e.g. an ensemble's one member pass)."""
     vocab = int(getattr(model.config, "vocab_size", len(tokenizer)))
-    cases = random_cases(tokenizer, vocab, args.parity_batch_sizes, args.parity_seq_lengths, max_length, input_names, args.seed)
+    cases = random_cases(tokenizer, vocab, batch_sizes, seq_lengths, max_length, input_names, seed)
     wrap = progress or (lambda it, desc: it)
     case_logits = [torch_logits(model, c) for c in wrap(cases, "PyTorch, random tokens")]
     batches, index, logits = [], [], None
@@ -228,7 +306,7 @@ def build_reference(
                 logits[ix] = torch_logits(model, feeds)
         inv_ids = encode(tokenizer, labelled.texts[:INVARIANCE_TEXTS], min(max_length, INVARIANCE_TOKENS))
     else:
-        rng = np.random.default_rng(args.seed + 1)
+        rng = np.random.default_rng(seed + 1)
         inv_ids = random_ids(tokenizer, vocab, INVARIANCE_TEXTS, min(64, max_length), rng)
     return Reference(
         cases, case_logits, batches, index, labelled, logits, inv_ids, len(labels), list(labels), pad_id(tokenizer),
@@ -269,38 +347,39 @@ def spec_of(name: str, path: Path) -> VariantSpec:
     return VARIANTS.get(name) or VariantSpec(path.name, "onnxruntime", "fp32")
 
 
-def gates_for(precision: str, args: GateArgs) -> dict[str, float]:
-    """fp32 and fp16 are judged by logits; int8 and bf16 (whose logits move by design) by labels and accuracy."""
-    if precision == "fp32":
-        return {"max_abs_diff": args.fp32_max_diff}
-    if precision == "fp16":
-        return {"max_abs_diff": args.fp16_max_diff}
-    return {"min_agreement": args.int8_min_agreement, "max_accuracy_drop_points": args.int8_max_drop}
+def gate_failures(precision: str, result: dict[str, Any], gates: dict[str, float]) -> list[str] | None:
+    """Every gate the measured values miss ([] when they meet them all); None when there is nothing to
+    judge an int8 or bf16 variant by (no labelled data)."""
+    if precision in ("fp32", "fp16"):
+        worst = result["max_abs_diff"]
+        return [] if worst <= gates["max_abs_diff"] else [f"max |Δlogit| {worst:.2e} > {gates['max_abs_diff']:g}"]
+    held = result.get("heldout")
+    if not held:
+        return None
+    failures = []
+    if held["agreement"] < gates["min_agreement"]:
+        failures.append(f"label agreement {held['agreement']:.2%} < {gates['min_agreement']:.2%}")
+    drop = -held["delta_accuracy_points"]
+    if drop > gates["max_accuracy_drop_points"]:
+        failures.append(f"accuracy drop {drop:.2f} points > {gates['max_accuracy_drop_points']:g}")
+    return failures
 
 
 def judge(precision: str, result: dict[str, Any], gates: dict[str, float]) -> tuple[str, str]:
     """(status, reason) from the measured values and the gates."""
-    if precision in ("fp32", "fp16"):
-        worst = result["max_abs_diff"]
-        if worst <= gates["max_abs_diff"]:
-            return PASS, f"max |Δlogit| {worst:.2e} <= {gates['max_abs_diff']:g}"
-        return FAIL, f"max |Δlogit| {worst:.2e} > {gates['max_abs_diff']:g}"
-    held = result.get("heldout")
-    if not held:
+    failures = gate_failures(precision, result, gates)
+    if failures is None:
         return UNVERIFIED, "no labelled data to judge int8 by; pass --data FILE"
-    problems = []
-    if held["agreement"] < gates["min_agreement"]:
-        problems.append(f"label agreement {held['agreement']:.2%} < {gates['min_agreement']:.2%}")
-    drop = -held["delta_accuracy_points"]
-    if drop > gates["max_accuracy_drop_points"]:
-        problems.append(f"accuracy drop {drop:.2f} points > {gates['max_accuracy_drop_points']:g}")
-    if problems:
-        return FAIL, "; ".join(problems)
+    if failures:
+        return FAIL, "; ".join(failures)
+    if precision in ("fp32", "fp16"):
+        return PASS, f"max |Δlogit| {result['max_abs_diff']:.2e} <= {gates['max_abs_diff']:g}"
+    held = result["heldout"]
     return PASS, f"agreement {held['agreement']:.2%}, accuracy Δ {held['delta_accuracy_points']:+.2f} points"
 
 
 def open_for_parity(
-    name: str, path: Path, spec: VariantSpec, args: GateArgs, device: str, available: Sequence[str] | None, cpu: Any,
+    name: str, path: Path, spec: VariantSpec, threads: int | None, device: str, available: Sequence[str] | None, cpu: Any,
 ) -> tuple[Any, str | None]:
     """(engine, None), or (None, why the variant cannot be checked here)."""
     from runtime.engines import CUDA, TENSORRT, EngineUnavailable, available_providers, gpu_present, open_engine
@@ -313,7 +392,7 @@ def open_for_parity(
         if wanted not in available or device == "cpu" or (available_is_real and not gpu_present()):
             return None, f"{spec.precision} is checked on {wanted}, and no GPU is usable here"
         try:
-            engine = open_engine(path, spec.engine, spec.precision, "cuda", args.threads, available=available, tensorrt=tensorrt)
+            engine = open_engine(path, spec.engine, spec.precision, "cuda", threads, available=available, tensorrt=tensorrt)
         except EngineUnavailable as e:
             return None, str(e)
         if engine.provider not in (CUDA, TENSORRT):
@@ -323,7 +402,7 @@ def open_for_parity(
         return None, (f"this CPU ({cpu.model}) has no bf16 instructions (avx512_bf16, amx_bf16), where OpenVINO would run "
                       "it in f32; ferry serve re-checks it on a CPU that has them")
     try:
-        engine = open_engine(path, spec.engine, spec.precision, "cpu", args.threads or default_threads(), available=available)
+        engine = open_engine(path, spec.engine, spec.precision, "cpu", threads or default_threads(), available=available)
     except EngineUnavailable as e:
         return None, str(e)
     if spec.precision == "bf16" and "bf16" not in str(getattr(engine, "inference_precision", "bf16")):
@@ -331,58 +410,130 @@ def open_for_parity(
     return engine, None
 
 
-def check_variant(
-    name: str, path: Path, ref: Reference, args: GateArgs, device: str = "auto", available: Sequence[str] | None = None,
-    progress: Callable[[Any, str], Any] | None = None, cpu: Any = None,
+def compare(name: str, run: Callable[[dict[str, np.ndarray]], np.ndarray], ref: Reference,
+            progress: Progress | None) -> tuple[dict[str, Any], list[str]]:
+    """Run every parity input: (the measurements, every distinct logits shape unlike PyTorch's).
+
+    The values of a batch whose shape is wrong are not compared (optimum's order: shapes, then values).
+    """
+    wrap = progress or (lambda it, desc: it)
+    wrong: list[str] = []
+    diffs, agree, total = [], 0, 0
+    for feeds, want in zip(wrap(ref.cases, f"{name}, random tokens"), ref.case_logits):
+        got = run(feeds)
+        problem = shape_problem(got, len(want), ref.num_labels)
+        if problem:
+            wrong.append(problem)
+            continue
+        diffs.append(np.abs(got - want).ravel())
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += len(want)
+    held = None
+    if ref.labelled is not None and ref.logits is not None:
+        held = np.zeros_like(ref.logits)
+        for feeds, ix in zip(wrap(ref.batches, f"{name}, held-out"), ref.batch_index):
+            got = run(feeds)
+            problem = shape_problem(got, len(ix), ref.num_labels)
+            if problem:
+                wrong.append(problem)
+            else:
+                held[ix] = got
+    if wrong:
+        return {}, list(dict.fromkeys(wrong))
+    rand = np.concatenate(diffs)
+    measured: dict[str, Any] = {"checks": {"output_names": "ok", "shapes": "ok"}}
+    measured["random"] = {
+        "cases": [list(next(iter(c.values())).shape) for c in ref.cases],
+        "max_abs_diff": float(rand.max()),
+        "mean_abs_diff": float(rand.mean()),
+        "agreement": agree / total,
+    }
+    worst, mean_parts = float(rand.max()), [rand]
+    if held is not None:
+        measured["heldout"] = heldout_metrics(ref, held)
+        diff = np.abs(held - ref.logits)
+        worst = max(worst, float(diff.max()))
+        mean_parts.append(diff.ravel())
+    measured["max_abs_diff"] = worst
+    measured["mean_abs_diff"] = float(np.concatenate(mean_parts).mean())
+    return measured, []
+
+
+def validate(
+    name: str, path: Path, ref: Reference, gates: Gates, *, threads: int | None = None, seed: int = 0,
+    device: str = "auto", available: Sequence[str] | None = None, progress: Progress | None = None, cpu: Any = None,
 ) -> dict[str, Any]:
-    """Parity of one variant (its file in its engine at its precision) against the reference; returns its parity block."""
+    """Parity of one variant (its file in its engine at its precision) against ``ref``, after optimum's
+    ``_run_validation``: the output and input names, then the shapes and the values on every input,
+    then batch invariance (shuffled with ``seed``).
+
+    Args:
+        threads: the engine's CPU threads (default: the physical cores).
+        device: "cpu" never checks a CUDA variant; "auto" checks it where a GPU is usable.
+        available: the execution providers to assume (tests fake them); default: ONNX Runtime's.
+        cpu: the CPU to assume (:func:`runtime.hardware.read_cpu`'s by default).
+
+    Returns:
+        The variant's parity block: status "pass", or "unverified" with the reason it cannot be
+        checked here (no GPU for fp16, no labelled data for int8, ...).
+
+    Raises:
+        OutputMismatch: names that do not fit, or every distinct wrong shape.
+        ValueMismatch: every gate the values miss.
+        EngineFailed: the engine raised on this model.
+    """
     from runtime.hardware import read_cpu
 
     spec = spec_of(name, path)
-    gates = gates_for(spec.precision, args)
-    result: dict[str, Any] = {"gates": gates, "engine": spec.engine}
-    engine, why_not = open_for_parity(name, path, spec, args, device, available, cpu or read_cpu())
+    limits = gates.for_precision(spec.precision)
+    block: dict[str, Any] = {"gates": limits, "engine": spec.engine}
+    engine, why_not = open_for_parity(name, path, spec, threads, device, available, cpu or read_cpu())
     if engine is None:
-        result.update(status=UNVERIFIED, reason=why_not, provider=None, batch_invariance=None)
-        return result
-    result["provider"] = engine.provider
-    run = lambda feeds: engine_logits(engine, feeds, ref.num_labels)  # noqa: E731
-    wrap = progress or (lambda it, desc: it)
+        block.update(status=UNVERIFIED, reason=why_not, provider=None, batch_invariance=None)
+        return block
+    block["provider"] = engine.provider
+    names = name_problems(engine, list(ref.cases[0]) if ref.cases else ref.input_names)
+    if names:
+        raise OutputMismatch(name, names, block)
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return engine.run({n: feeds[n] for n in engine.input_names})
+
+    def checked_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        logits = run(feeds)
+        problem = shape_problem(logits, len(next(iter(feeds.values()))), ref.num_labels)
+        if problem:
+            raise OutputMismatch(name, [problem], block)
+        return logits
+
     try:
-        diffs, agree, total = [], 0, 0
-        for feeds, want in zip(wrap(ref.cases, f"{name}, random tokens"), ref.case_logits):
-            got = run(feeds)
-            diffs.append(np.abs(got - want))
-            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
-            total += len(want)
-        rand = np.concatenate([d.ravel() for d in diffs])
-        result["checks"] = {"output_names": "ok", "shapes": "ok"}
-        result["random"] = {
-            "cases": [list(next(iter(c.values())).shape) for c in ref.cases],
-            "max_abs_diff": float(rand.max()),
-            "mean_abs_diff": float(rand.mean()),
-            "agreement": agree / total,
-        }
-        worst, mean_parts = float(rand.max()), [rand]
-        if ref.labelled is not None and ref.logits is not None:
-            got = np.zeros_like(ref.logits)
-            for feeds, ix in zip(wrap(ref.batches, f"{name}, held-out"), ref.batch_index):
-                got[ix] = run(feeds)
-            result["heldout"] = heldout_metrics(ref, got)
-            diff = np.abs(got - ref.logits)
-            worst = max(worst, float(diff.max()))
-            mean_parts.append(diff.ravel())
-        result["max_abs_diff"] = worst
-        result["mean_abs_diff"] = float(np.concatenate(mean_parts).mean())
-        result["batch_invariance"] = batch_invariance(run, ref, args.invariance_tol, args.seed)
-    except OutputMismatch as e:
-        result.update(status=FAIL, reason=str(e), checks={"outputs": str(e)}, batch_invariance=None)
-        return result
+        measured, wrong_shapes = compare(name, run, ref, progress)
+        if wrong_shapes:
+            raise OutputMismatch(name, wrong_shapes, block)
+        block.update(measured)
+        block["batch_invariance"] = batch_invariance(checked_run, ref, gates.invariance_tol, seed)
+    except VariantFailed:
+        raise
     except Exception as e:  # the engines raise their own types when a kernel fails on this model
-        result.update(status=FAIL, reason=f"{spec.engine} failed: {first_line(e)}", batch_invariance=None)
-        return result
-    result["status"], result["reason"] = judge(spec.precision, result, gates)
-    return result
+        raise EngineFailed(name, [f"{spec.engine} failed: {first_line(e)}"], block) from e
+    failures = gate_failures(spec.precision, block, limits)
+    if failures:
+        raise ValueMismatch(name, failures, block)
+    block["status"], block["reason"] = judge(spec.precision, block, limits)
+    return block
+
+
+def check_variant(
+    name: str, path: Path, ref: Reference, gates: Gates, *, threads: int | None = None, seed: int = 0,
+    device: str = "auto", available: Sequence[str] | None = None, progress: Progress | None = None, cpu: Any = None,
+) -> dict[str, Any]:
+    """The parity block of one variant, a failure recorded in it (status "fail"): :func:`validate`'s
+    block, or the :class:`VariantFailed` block it raised."""
+    try:
+        return validate(name, path, ref, gates, threads=threads, seed=seed, device=device, available=available,
+                        progress=progress, cpu=cpu)
+    except VariantFailed as e:
+        return e.block
 
 
 def heldout_metrics(ref: Reference, got: np.ndarray) -> dict[str, Any]:
@@ -408,22 +559,18 @@ def heldout_metrics(ref: Reference, got: np.ndarray) -> dict[str, Any]:
 
 
 def run_parity(
-    variants: dict[str, Path], model: Any, tokenizer: Any, labels: Sequence[str], labelled: Labelled | None,
-    max_length: int, input_names: Sequence[str], args: GateArgs, device: str = "auto",
-    available: Sequence[str] | None = None, heldout_logits: np.ndarray | None = None,
+    variants: dict[str, Path], ref: Reference, gates: Gates, *, threads: int | None = None, seed: int = 0,
+    device: str = "auto", progress: Progress | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The parity block of each variant (``{name: path}``), PyTorch computed once."""
-    import torch
-
-    threads = args.threads or default_threads()
-    torch.set_num_threads(threads)
-    model.eval()
-    progress = None if args.quiet else _progress
-    ref = build_reference(model, tokenizer, labels, labelled, max_length, input_names, args, progress, heldout_logits)
-    return {name: check_variant(name, path, ref, args, device, available, progress) for name, path in variants.items()}
+    """The parity block of each variant (``{name: path}``) against one reference (PyTorch computed once)."""
+    return {
+        name: check_variant(name, path, ref, gates, threads=threads, seed=seed, device=device, progress=progress)
+        for name, path in variants.items()
+    }
 
 
-def _progress(items: Any, desc: str) -> Any:
+def progress_bar(items: Any, desc: str) -> Any:
+    """A :data:`Progress` on stderr (tqdm), for four batches or more."""
     from tqdm.auto import tqdm
 
     items = list(items)

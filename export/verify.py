@@ -1,7 +1,8 @@
 """`ferry parity`: re-check an artifact's variants against the PyTorch checkpoint they came from.
 
 The verb and the loader of an artifact's source model (a checkpoint, or an ensemble's
-members); the gates and the measurements themselves are export/parity.py's.
+members); the reference inputs are the task's (:func:`text_reference`, :func:`image_reference`),
+the gates and the measurements themselves export/parity.py's.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from export.image import build_image_reference, heldout_pixels, image_size
 from export.parity import (
-    FAIL, GateArgs, load_labelled_data, load_source, parity_table, pytorch_accuracy, run_parity,
+    FAIL, GateArgs, Progress, Reference, build_reference, load_labelled_data, load_source, parity_table, progress_bar,
+    pytorch_accuracy, run_parity, use_threads,
 )
-from ferry.tasks import IMAGE_TASK
+from ferry.tasks import IMAGE, TEXT, task_named
 from ferry.config import opt
 from ferry.errors import CheckpointError, FerryError
 from runtime.artifact import check_valid_artifact_dir
@@ -53,9 +56,33 @@ def load_artifact_source(artifact: Any, checkpoint: str | None, hint: str = "") 
     if not source or not Path(source).is_dir():
         found = f"source checkpoint {source} of {artifact.path} not found" if source else f"{artifact.path}: the manifest names no source checkpoint"
         raise CheckpointError(f"{found}; pass --checkpoint DIR{hint}")
-    image = artifact.task == IMAGE_TASK
+    image = task_named(artifact.task).image
     ckpt, model, tokenizer = load_source(source, "--checkpoint" if checkpoint else "source checkpoint", tokenizer=not image)
     return ckpt, model, tokenizer, str(source)
+
+
+def text_reference(args: ParityArgs, artifact: Any, ckpt: Any, model: Any, tokenizer: Any, progress: Progress | None) -> Reference:
+    """PyTorch's logits on random tokens and the labelled texts (--data, else the checkpoint's held-out split)."""
+    labelled = load_labelled_data(artifact.labels, ckpt.heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)
+    return build_reference(model, tokenizer, artifact.labels, labelled, artifact.max_length, artifact.manifest["inputs"],
+                           batch_sizes=args.parity_batch_sizes, seq_lengths=args.parity_seq_lengths, seed=args.seed,
+                           progress=progress)
+
+
+def image_reference(args: ParityArgs, artifact: Any, ckpt: Any, model: Any, tokenizer: Any, progress: Progress | None) -> Reference:
+    """PyTorch's logits on random pixels and the labelled images (--data, else the checkpoint's held-out
+    split), preprocessed as the artifact's processor says (``tokenizer``: None, images have none)."""
+    from runtime.pixels import load_processor
+
+    processor = load_processor(artifact.path)
+    height, width = image_size(processor)
+    heldout = heldout_pixels(ckpt.heldout, artifact.labels, processor, args.data, args.parity_max_examples)
+    return build_image_reference(model, artifact.labels, heldout, height, width, batch_sizes=args.parity_batch_sizes,
+                                 seed=args.seed, progress=progress)
+
+
+# The parity inputs of each task
+REFERENCES = {TEXT: text_reference, IMAGE: image_reference}
 
 
 def parity(args: ParityArgs) -> int:
@@ -66,18 +93,14 @@ def parity(args: ParityArgs) -> int:
     artifact = check_valid_artifact_dir(args.artifact)
     names = artifact.select(args.variants)
     quiet_libraries()
-    image = artifact.task == IMAGE_TASK
     ckpt, model, tokenizer, _ = load_artifact_source(artifact, args.checkpoint)
     if ckpt.labels and ckpt.labels != artifact.labels:
         raise CheckpointError(f"{ckpt.path}: labels {ckpt.labels} differ from the artifact's {artifact.labels}; pass the checkpoint it was exported from")
-    if image:
-        from export.image import parity_image
-
-        results = parity_image(args, artifact, ckpt, model)
-    else:
-        labelled = load_labelled_data(artifact.labels, ckpt.heldout, args.data, args.text_column, args.label_column, args.parity_max_examples)
-        paths = {n: artifact.variants[n].path for n in names}
-        results = run_parity(paths, model, tokenizer, artifact.labels, labelled, artifact.max_length, artifact.manifest["inputs"], args, args.device)
+    progress = None if args.quiet else progress_bar
+    use_threads(args.threads)
+    ref = REFERENCES[task_named(artifact.task)](args, artifact, ckpt, model, tokenizer, progress)
+    paths = {n: artifact.variants[n].path for n in names}
+    results = run_parity(paths, ref, args.gates(), threads=args.threads, seed=args.seed, device=args.device, progress=progress)
     shown = {}
     for name, res in results.items():
         info = dict(artifact.variants[name].info)

@@ -1,8 +1,5 @@
-"""What an export writes and prints, shared by the text, ensemble and image exports: each
-variant's manifest block, the manifest fields they share, the default variants, the summary.
-
-Its own module so that export/image.py uses it without importing export/export.py (which
-imports export/image.py): no import cycle between the export modules.
+"""What an export writes and prints, whatever its task: each variant's manifest block, the
+manifest fields every export shares, the default variants, the progress lines, the summary.
 """
 
 from __future__ import annotations
@@ -15,8 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from export import quantize
-from export.parity import default_threads, parity_table, pytorch_accuracy
-from ferry.config import to_dict
+from export.parity import parity_table, pytorch_accuracy
 from ferry.files import library_versions, now_iso, sha256_file
 from runtime.artifact import FAIL, PASS, VARIANTS
 from runtime.hardware import read_cpu
@@ -50,10 +46,18 @@ def quiet_libraries() -> None:
         pass
 
 
-def step(args: Any, text: str) -> None:
-    """A progress line on stderr unless ``args.quiet``."""
-    if not args.quiet:
-        print(text, file=sys.stderr, flush=True)
+class Steps:
+    """An export's numbered progress lines on stderr ("[2/4] optimizing the graph (O2)"), none when ``quiet``."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.quiet, self.done = total, quiet, 0
+
+    def __call__(self, text: str, same_step: bool = False) -> None:
+        """Print the next step's line (``same_step``: another line of the current step)."""
+        if not same_step:
+            self.done += 1
+        if not self.quiet:
+            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
 
 
 def graph_info(path: Path) -> tuple[int, list[str], list[str]]:
@@ -87,18 +91,19 @@ def variant_entry(name: str, path: Path, res: dict[str, Any], extra: dict[str, A
     }
 
 
-def manifest_common(args: Any, variants: dict[str, dict[str, Any]], defaults: dict[str, str | None], isa: str,
-                    timings: dict[str, float], versions: Sequence[str]) -> dict[str, Any]:
-    """The artifact manifest's fields that text and image exports share: the variants, the
-    defaults and how they were picked, settings, timings, library versions, time."""
+def manifest_common(variants: dict[str, dict[str, Any]], defaults: dict[str, str | None], *, forced_cpu: bool,
+                    settings: dict[str, Any], timings: dict[str, float], versions: Sequence[str]) -> dict[str, Any]:
+    """The artifact manifest's fields that every export shares: the variants, the defaults and how
+    they were picked (``forced_cpu``: by --cpu-default), the ``settings``, timings, library
+    versions, machine and time."""
     return {
         "variants": variants,
         "default_variant": defaults,
         "default_variant_rule": {
-            "cpu": "forced by --cpu-default" if args.cpu_default else "first passing, batch-invariant variant among " + ", ".join(CPU_DEFAULT_ORDER),
+            "cpu": "forced by --cpu-default" if forced_cpu else "first passing, batch-invariant variant among " + ", ".join(CPU_DEFAULT_ORDER),
             "gpu": "fp16 unless it failed, else fp32",
         },
-        "settings": {**to_dict(args), "int8_isa_used": isa, "threads_used": args.threads or default_threads()},
+        "settings": settings,
         "machine": read_cpu().as_dict(),
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "versions": library_versions(*versions),

@@ -78,9 +78,9 @@ def test_openvino_gate_can_fail(ov_artifact, bert_ckpt, tmp_path):
     target.CopyFrom(numpy_helper.from_array(w + 0.05, target.name))
     onnx.save(model, str(tmp_path / "model.onnx"))
     ref, args = _reference(bert_ckpt)
-    res = check_variant("openvino-fp32", tmp_path / "model.onnx", ref, args)
+    res = check_variant("openvino-fp32", tmp_path / "model.onnx", ref, args.gates(), threads=args.threads)
     assert res["engine"] == "openvino" and res["status"] == "fail" and "max |Δlogit|" in res["reason"]
-    ok = check_variant("openvino-fp32", ov_artifact / "model.onnx", ref, args)
+    ok = check_variant("openvino-fp32", ov_artifact / "model.onnx", ref, args.gates(), threads=args.threads)
     assert ok["status"] == "pass"
 
 
@@ -88,10 +88,10 @@ def test_bf16_is_unverified_on_a_cpu_without_bf16(ov_artifact, bert_ckpt):
     from export.parity import check_variant
 
     ref, args = _reference(bert_ckpt)
-    res = check_variant("openvino-bf16", ov_artifact / "model.onnx", ref, args, cpu=AVX2)
+    res = check_variant("openvino-bf16", ov_artifact / "model.onnx", ref, args.gates(), threads=args.threads, cpu=AVX2)
     assert res["status"] == "unverified" and "no bf16 instructions" in res["reason"]
     # A CPU that claims bf16: judged by the label gates, unless OpenVINO itself says it runs f32.
-    res = check_variant("openvino-bf16", ov_artifact / "model.onnx", ref, args, cpu=AMX)
+    res = check_variant("openvino-bf16", ov_artifact / "model.onnx", ref, args.gates(), threads=args.threads, cpu=AMX)
     if read_cpu().has("bf16"):
         assert res["status"] in ("pass", "fail") and res["gates"]["min_agreement"] == args.int8_min_agreement
     else:
@@ -106,12 +106,12 @@ def test_a_missing_engine_or_a_graph_that_does_not_compile_is_named(ov_artifact,
     garbage.write_bytes(b"not an onnx graph")
     with pytest.raises(engines.EngineUnavailable, match="OpenVINO cannot compile it on this CPU"):
         engines.open_engine(garbage, "openvino", "fp32")
-    res = check_variant("openvino-fp32", garbage, ref, args)
+    res = check_variant("openvino-fp32", garbage, ref, args.gates(), threads=args.threads)
     assert res["status"] == "unverified" and "cannot compile" in res["reason"]
     monkeypatch.setattr(engines, "engine_installed", lambda name: name != "openvino")
     with pytest.raises(engines.EngineUnavailable, match=r"openvino package is not installed \(pip install openvino\)"):
         engines.open_engine(ov_artifact / "model.onnx", "openvino", "fp32")
-    res = check_variant("openvino-fp32", ov_artifact / "model.onnx", ref, args)
+    res = check_variant("openvino-fp32", ov_artifact / "model.onnx", ref, args.gates(), threads=args.threads)
     assert res["status"] == "unverified" and "not installed" in res["reason"]
 
 
@@ -137,5 +137,5 @@ def test_tensorrt_variant_is_unverified_without_a_gpu(bert_ckpt, tmp_path):
     from export.parity import check_variant
 
     ref, args = _reference(bert_ckpt)
-    res = check_variant("fp16-tensorrt", tmp_path / "model_plain.onnx", ref, args, available=[engines.CUDA, engines.CPU])
+    res = check_variant("fp16-tensorrt", tmp_path / "model_plain.onnx", ref, args.gates(), threads=args.threads, available=[engines.CUDA, engines.CPU])
     assert res["status"] == "unverified" and engines.TENSORRT in res["reason"]

@@ -161,7 +161,7 @@ def test_gate_fails_on_broken_export(bert_ckpt, tmp_path, capsys, monkeypatch):
     import onnx
     from onnx import numpy_helper
 
-    from export import export as export_module
+    from export import text as export_module
 
     real_optimize = export_module.optimize
 

@@ -71,7 +71,10 @@ def _reference(bert_ckpt):
     ckpt, model, tok = load_source(bert_ckpt, "CHECKPOINT")
     args = GateArgs(parity_batch_sizes=[2], parity_seq_lengths=[16], threads=1)
     labelled = load_labelled_data(ckpt.labels, ckpt.heldout, None, "text", "label", 0)
-    return build_reference(model, tok, ckpt.labels, labelled, 64, ["input_ids", "attention_mask", "token_type_ids"], args), args
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ref = build_reference(model, tok, ckpt.labels, labelled, 64, names, batch_sizes=args.parity_batch_sizes,
+                          seq_lengths=args.parity_seq_lengths, seed=args.seed)
+    return ref, args
 
 
 def test_fp16_is_unverified_without_cuda_and_never_passed(bert_artifact, bert_ckpt):
@@ -79,16 +82,16 @@ def test_fp16_is_unverified_without_cuda_and_never_passed(bert_artifact, bert_ck
 
     ref, args = _reference(bert_ckpt)
     # Provider list without CUDA: not run at all.
-    res = check_variant("fp16", bert_artifact / "model_fp16.onnx", ref, args, available=["CPUExecutionProvider"])
+    res = check_variant("fp16", bert_artifact / "model_fp16.onnx", ref, args.gates(), threads=args.threads, available=["CPUExecutionProvider"])
     assert res["status"] == "unverified" and res["batch_invariance"] is None
     # CUDA listed (as onnxruntime-gpu lists it) but no GPU behind it: ORT falls back to CPU,
     # and the variant stays unverified rather than being judged on the wrong provider.
     if not gpu_present():  # (on a GPU machine this runs on CUDA: see the gpu test below)
-        res = check_variant("fp16", bert_artifact / "model_fp16.onnx", ref, args,
+        res = check_variant("fp16", bert_artifact / "model_fp16.onnx", ref, args.gates(), threads=args.threads,
                             available=["CUDAExecutionProvider", "CPUExecutionProvider"])
         assert res["status"] == "unverified" and "fell back" in res["reason"]
     # Asked for CPU only: unverified too.
-    res = check_variant("fp16", bert_artifact / "model_fp16.onnx", ref, args, device="cpu",
+    res = check_variant("fp16", bert_artifact / "model_fp16.onnx", ref, args.gates(), threads=args.threads, device="cpu",
                         available=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert res["status"] == "unverified"
 
@@ -105,7 +108,7 @@ def test_output_name_mismatch_fails_before_values(bert_artifact, bert_ckpt, tmp_
         node.output[:] = ["scores" if o == old else o for o in node.output]
     onnx.save(model, str(tmp_path / "renamed.onnx"))
     ref, args = _reference(bert_ckpt)
-    res = check_variant("fp32", tmp_path / "renamed.onnx", ref, args)
+    res = check_variant("fp32", tmp_path / "renamed.onnx", ref, args.gates(), threads=args.threads)
     assert res["status"] == "fail" and "expected 'logits'" in res["reason"]
 
 
