@@ -144,7 +144,7 @@ def check_valid_checkpoint_dir(path: str | Path, flag: str = "CHECKPOINT") -> Ch
     if not any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in archs):
         raise CheckpointError(
             f"{flag} {path}: config.json describes {', '.join(archs) or 'no architecture'}, "
-            f"not a sequence- or image-classification model; {MAKE_ONE}"
+            f"not a sequence or image classifier; {MAKE_ONE}"
         )
     has_weights = (p / WEIGHTS).is_file() or (p / "model.safetensors.index.json").is_file()
     if not has_weights:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ferry.errors import ConfigError, FerryError, first_line
+from ferry.tasks import IMAGE_TASK
 from finetune.modeling import encoder_layers, parse_freeze, resolve_model
 
 # TF EfficientNet-Lite's input scaling, (x - 127) / 128, as mean/std over x/255.
@@ -83,7 +84,7 @@ def load_image_base(model: str, labels: list[str], dropout: float | None, image_
             net = AutoModelForImageClassification.from_pretrained(source, config=config, ignore_mismatched_sizes=True, local_files_only=True)
         except ValueError as e:
             if "Unrecognized configuration class" in str(e):
-                raise FerryError(f"--model {model}: model type '{config.model_type}' has no image-classification head in transformers") from None
+                raise FerryError(f"--model {model}: model type '{config.model_type}' has no {IMAGE_TASK} head in transformers") from None
             raise FerryError(f"--model {model}: cannot load the weights ({first_line(e)})") from None
         except Exception as e:
             raise FerryError(f"--model {model}: cannot load the weights ({first_line(e)})") from None
