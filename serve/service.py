@@ -364,7 +364,7 @@ routes = Starlette(routes=[
     name="ferry",
     workers=WORKERS,
     # BentoML divides max_concurrency among the workers: each worker holds SETTINGS.max_concurrency.
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency * WORKERS},
+    traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency * WORKERS},
     labels={"project": "ferry"},
     logging={"access": {"enabled": False}},
     tracing={"excluded_urls": ["/classify", "/classify-image", "/info", "/livez", "/readyz", "/metrics"]},
@@ -514,5 +514,5 @@ def stop_server(reason: str) -> NoReturn:
 
 _readiness = SharedReadiness(WORKERS)
 bento_batcher.wrap_asgi(Ferry, lambda app, internal: front.Front(
-    app, internal, PUBLIC, fast={"/classify": classify}, max_concurrency=SETTINGS.max_concurrency, timeout_s=SETTINGS.timeout_s))
+    app, internal, PUBLIC, fast={"/classify": classify}, max_concurrency=SETTINGS.max_concurrency, timeout_s=SETTINGS.timeout))
 bento_batcher.cancel_timeout_timers()
