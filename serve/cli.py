@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import check_valid_artifact_dir
-from ferry.tasks import IMAGE_TASK
 from ferry.config import opt
 from ferry.errors import ConfigError, FerryError
+from runtime.artifact import check_valid_artifact_dir
+from runtime.predictor import resolve_device, task_inputs
 from serve.settings import DEFAULT_MODEL, RunOptions, ServedModel, ServeSettings, worker_split
 
 SERVICE = "serve.service:Ferry"
@@ -93,8 +93,8 @@ def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
     metadata = {
         "task": artifact.task,
         "labels": artifact.labels,
-        # BentoML metadata takes no None: the input shape entry of the task only
-        **({"image_size": m.get("image_size") or {}} if artifact.task == IMAGE_TASK else {"max_length": artifact.max_length}),
+        # the input shape of the task (max_length, or image_size); BentoML metadata takes no None
+        **{key: {} if value is None else value for key, value in task_inputs(artifact).info().items()},
         "default_variant": m.get("default_variant") or {},
         "variants": {
             n: {k: x for k, x in (("precision", v.info.get("precision")), ("status", v.status),
@@ -147,46 +147,32 @@ def store(args: StoreArgs) -> int:
 
 
 def serve(args: ServeArgs) -> int:
-    from runtime.predictor import Runtime, resolve_device
+    from serve.bento_batcher import check_bentoml
 
     if args.artifact is None:
         raise ConfigError("ARTIFACT is required")
     # Everything a worker will do at start, done here first, so bad input is one line and no server.
-    from serve.bento_batcher import check_bentoml
-
     check_bentoml()  # a BentoML whose internals ferry does not know: one line, not a server that fails
-    from runtime.artifact import check_valid_artifact_dir
-    from serve.image import ImageRuntime
-
     artifact = check_valid_artifact_dir(args.artifact)  # paths inside it, the manifest's content hash
     artifact.verify_files()  # every file its files map lists; a worker checks again what it loads
-    image = artifact.task == IMAGE_TASK
+    settings = ServeSettings.of(args)
+    settings.artifact = str(Path(args.artifact).resolve())
     # The split first: the start-up choice times the candidates with the threads a worker will have.
-    workers, threads, split = worker_split(resolve_device(args.device), args.workers, args.threads)
-    runtime = (ImageRuntime if image else Runtime)(
-        args.artifact, args.variant, args.device, threads, args.optimization,
-        enforce_invariance=args.batch_invariance == "enforce",
-    )
+    settings.workers, settings.threads, settings.split = worker_split(resolve_device(args.device), args.workers, args.threads)
+    runtime = settings.open_runtime(artifact, settings.threads)
     for note in runtime.notes:
         print(f"ferry serve: warning: {note}", file=sys.stderr)
-    choice = getattr(runtime, "choice", None)
-    if choice is not None:
-        for line in choice.log_lines():
+    if runtime.choice is not None:
+        for line in runtime.choice.log_lines():
             print(f"ferry serve: {line}", file=sys.stderr)
-    settings = dataclasses.replace(
-        ServeSettings.of(args),
-        artifact=str(Path(args.artifact).resolve()),
         # the choice made here, so each worker opens (and re-checks) that one instead of timing them all again
-        variant=args.variant or (runtime.variant.name if choice is not None else None),
-        choice=json.dumps(choice.as_dict()) if choice is not None else None,
-        # what the check above resolved "auto" to, so a worker never retries an unusable GPU
-        device=runtime.device if args.device == "auto" else args.device,
-        threads=threads,
-        workers=workers,
-        split=split,
-    )
+        settings.variant = runtime.variant.name
+        settings.choice = json.dumps(runtime.choice.as_dict())
+    # what the check above resolved "auto" to, so a worker never retries an unusable GPU
+    settings.device = runtime.device if args.device == "auto" else args.device
     batch, latency = settings.batching(runtime.device)
     tokens = settings.batch_tokens(runtime.device)
+    route = runtime.task.route
     print(f"ferry serve: {runtime.describe()}", file=sys.stderr)
     del runtime
     check_port(args.host, args.port)
@@ -195,8 +181,9 @@ def serve(args: ServeArgs) -> int:
         settings.artifact = None
         print(f"ferry serve: registered the artifact as {settings.model_tag}; serving it from the model store", file=sys.stderr)
     print(
-        f"ferry serve: http://{args.host}:{args.port} (POST {'/classify-image' if image else '/classify'}, GET /info, /readyz, /metrics), "
-        f"max_batch_size={batch}, max_batch_tokens={tokens}, max_latency_ms={latency}, workers={workers} x threads {threads or 'auto'} ({split}); Ctrl-C stops it",
+        f"ferry serve: http://{args.host}:{args.port} (POST {route}, GET /info, /readyz, /metrics), "
+        f"max_batch_size={batch}, max_batch_tokens={tokens}, max_latency_ms={latency}, "
+        f"workers={settings.workers} x threads {settings.threads or 'auto'} ({settings.split}); Ctrl-C stops it",
         file=sys.stderr,
     )
     return run_server(settings, args.host, args.port)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from pathlib import Path
 from typing import Any, Mapping
 
 from ferry.config import opt, positive
 from ferry.errors import ConfigError
+from ferry.tasks import IMAGE, TEXT
 from runtime.engines import OPT_LEVELS
-from runtime.predictor import DEVICES
+from runtime import predictor
+from runtime.artifact import Artifact
 
 PREFIX = "FERRY_"
 DEFAULT_MODEL = "ferry-classifier"
@@ -88,7 +91,7 @@ class ServedModel:
 class RunOptions:
     """How the server runs it."""
 
-    device: str = opt("auto", "where to run: auto (CUDA when ONNX Runtime can use a GPU), cpu or cuda", choices=DEVICES)
+    device: str = opt("auto", "where to run: auto (CUDA when ONNX Runtime can use a GPU), cpu or cuda", choices=predictor.DEVICES)
     threads: int | None = opt(None, "engine threads per worker (default on CPU: the physical cores divided among the workers; on GPU: the engine's own)", check=positive)
     optimization: str = opt("all", "ONNX Runtime graph optimization level", choices=OPT_LEVELS)
     workers: int | None = opt(
@@ -202,6 +205,19 @@ class ServeSettings(RunOptions, ServedModel):
             raise ConfigError(problems)
         return cls(**values)
 
+    def open_runtime(
+        self, artifact: str | Path | Artifact, threads: int | None, max_group: int | None = None, max_tokens: int | None = None,
+    ) -> predictor.Runtime:
+        """The runtime these settings serve from ``artifact``, with ``threads`` engine threads (worker_split's)
+        and, in a worker, its batching caps (None: the checks at start, which run no batches): the one
+        place `ferry serve`, the server's start-up choice and every worker open one.
+
+        Raises:
+            FerryError: the artifact, its variant or the device cannot be served.
+        """
+        return predictor.Runtime(artifact, self.variant, self.device, threads, self.optimization, max_group=max_group,
+                                 max_tokens=max_tokens, enforce_invariance=self.batch_invariance == "enforce")
+
     def body_caps(self) -> dict[str, int]:
         """The most body bytes each endpoint reads: what its largest valid request takes, plus
         :data:`BODY_SLACK` (keys, separators, whitespace, multipart headers).
@@ -213,8 +229,8 @@ class ServeSettings(RunOptions, ServedModel):
         """
         b64 = (self.max_image_bytes + 2) // 3 * 4
         return {
-            "/classify": self.max_texts * self.max_chars * 6 + BODY_SLACK,
-            "/classify-image": self.max_images * (b64 * 80 // 76 + 1024) + BODY_SLACK,
+            TEXT.route: self.max_texts * self.max_chars * 6 + BODY_SLACK,
+            IMAGE.route: self.max_images * (b64 * 80 // 76 + 1024) + BODY_SLACK,
         }
 
     def batch_tokens(self, device: str) -> int:
