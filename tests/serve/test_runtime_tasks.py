@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ferry.cli import main
-from ferry.errors import ArtifactError
+from ferry.errors import ArtifactError, DataError
 from ferry.tasks import IMAGE
 from runtime import pixels
 from runtime.predictor import ImageInputs, Runtime, check_startup
@@ -90,3 +90,16 @@ def test_collate_pads_right_and_builds_the_inputs_asked_for():
     fixed = collate([[5], [8]], 1, ["input_ids", "attention_mask"], length=4)
     assert set(fixed) == {"input_ids", "attention_mask"} and fixed["input_ids"].tolist() == [[5, 1, 1, 1], [8, 1, 1, 1]]
 
+
+def test_load_pixels_equals_preprocess_in_chunks(tmp_path):
+    processor = pixels.processor_dict(images.SIZE, [0.5] * 3, [0.25] * 3)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(images.png_bytes(images.picture(images.LABELS[i % len(images.LABELS)], i)))
+    whole = pixels.preprocess([pixels.open_image(p, str(p)) for p in paths], processor)
+    assert np.array_equal(pixels.load_pixels(paths, processor, chunk=2), whole)
+    assert pixels.load_pixels([], processor).shape == (0, 3, images.SIZE, images.SIZE)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.png: not an image"):
+        pixels.load_pixels([*paths, tmp_path / "bad.png"], processor)
