@@ -59,15 +59,15 @@ def main() -> int:
 
     threads = args.threads or worker_split("cpu", None, None)[1]
     rt = Runtime(args.artifact, variant=args.variant, device="cpu", threads=threads, choose=False)
-    vocab = int(rt.tokenizer.get_vocab_size())
+    vocab = int(rt.inputs.tokenizer.get_vocab_size())
     rng = np.random.default_rng(0)
-    seqs = [min(int(s), rt.max_length) for s in args.seq_lengths.split(",")]
+    seqs = [min(int(s), rt.inputs.max_length) for s in args.seq_lengths.split(",")]
     rows = []
     for seq in dict.fromkeys(seqs):
         for batch in map(int, args.batch_sizes.split(",")):
             if batch * seq > args.max_tokens:
                 continue
-            s = time_shape(lambda ids: rt._run_ids(rt.engine, ids), batch, seq, vocab, args.seconds, rng)
+            s = time_shape(lambda ids: rt.inputs.run_ids(rt.engine, ids), batch, seq, vocab, args.seconds, rng)
             rows.append({"seq": seq, "batch": batch, "tokens": batch * seq, "ms": s * 1000, "tokens_per_s": batch * seq / s})
             print(f"{batch:>4} x {seq:<4} {batch * seq:>6} tokens  {s * 1000:8.1f} ms  {batch * seq / s:9.0f} tokens/s", file=sys.stderr)
     best = max(r["tokens_per_s"] for r in rows)

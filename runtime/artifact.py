@@ -6,7 +6,7 @@ An artifact directory holds one ``.onnx`` file per variant, the tokenizer (text)
     {
       "stage": "export",
       "source": {"checkpoint": str, "manifest_sha256": str | null, "model_type": str},
-      "task": "text-classification" | "image-classification",
+      "task": str,                       # a task name of ferry/tasks.py
       "labels": [str, ...],             # id order
       "max_length": int,                 # text only
       "image_size": {"height", "width"}, "processor": "preprocessor_config.json",
@@ -56,7 +56,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ferry.tasks import IMAGE_TASK, TEXT_TASK
+from ferry.tasks import TEXT_TASK
 from ferry.errors import ArtifactError, FerryError
 from ferry.files import MANIFEST, read_manifest, sha256_file
 
@@ -189,14 +189,8 @@ class Artifact:
 
     @property
     def task(self) -> str:
-        """"text-classification" or "image-classification" (artifacts before images: text)."""
+        """The name of the artifact's task (ferry/tasks.py; artifacts before images: the text task's)."""
         return str(self.manifest.get("task") or TEXT_TASK)
-
-    @property
-    def processor(self) -> Path | None:
-        """The image preprocessor_config.json of an image artifact."""
-        p = self.path / "preprocessor_config.json"
-        return p if self.task == IMAGE_TASK and p.is_file() else None
 
     @property
     def max_length(self) -> int:

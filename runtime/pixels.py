@@ -1,14 +1,15 @@
 """Images for serving and for the model: open one image, convert it to RGB, preprocess it.
 
 Torch-free (PIL and numpy only): :func:`preprocess` is THE one implementation of resize +
-rescale + normalize that training, evaluation, export parity and serving all use, so they agree.
+rescale + normalize that training, evaluation, export parity and serving all use, so they agree,
+and :func:`load_pixels` the one way image files become a batch of pixels.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -179,3 +180,18 @@ def preprocess(images: list[Any], processor: dict[str, Any]) -> np.ndarray:
             a = (a - mean) / std
         out.append(a.transpose(2, 0, 1))
     return np.ascontiguousarray(np.stack(out).astype(np.float32, copy=False))
+
+
+def load_pixels(paths: Sequence[str | Path], processor: dict[str, Any], chunk: int = 256) -> np.ndarray:
+    """Decode and preprocess image files into one float32 array ``[N, 3, H, W]``, ``chunk`` images
+    at a time (bounded PIL memory: decode, preprocess, drop the images).
+
+    Raises:
+        DataError: naming the first file that is not an image in an accepted format.
+    """
+    parts = [preprocess([open_image(p, str(p)) for p in paths[start : start + chunk]], processor)
+             for start in range(0, len(paths), chunk)]
+    if not parts:
+        size = processor.get("size") or {}
+        return np.zeros((0, 3, int(size.get("height", 0)), int(size.get("width", 0))), dtype=np.float32)
+    return np.concatenate(parts)

@@ -1,50 +1,153 @@
-"""The serving runtime: one artifact variant behind a tokenizer and an engine (ONNX Runtime or OpenVINO).
+"""The serving runtime: one artifact variant behind an engine (ONNX Runtime or OpenVINO), for either task.
 
-No PyTorch and no transformers on this path: the tokenizer is the artifact's
-``tokenizer.json`` loaded with the ``tokenizers`` library (the same Rust tokenizer that
-transformers' fast tokenizers wrap, so the ids are identical, without importing
-transformers, which takes seconds and may pull in torch), and the softmax is numpy.
+:class:`Runtime` is what both tasks share: the variant to serve (on a CPU, the start-up choice
+of runtime/choose.py), the sha256 check of what it opens, the CUDA fallback, batch invariance,
+readiness and /info. What one item is and how a batch of them becomes the model's inputs is the
+task's part, chosen by ``ferry.tasks.task_named(artifact.task)`` in :data:`INPUTS`:
 
-A batch is grouped by token length and each group is padded only to its own longest
-text, so short texts don't pay for long ones. A variant whose answers depend on the
-batch (dynamic int8: ONNX Runtime computes activation scales per batch) is run one text
-per inference call, which makes every answer equal to the answer given alone.
+- :class:`TextInputs`: the artifact's tokenizer (runtime/tokens.py); a batch is grouped by token
+  length and each group padded only to its own longest text, so short texts don't pay for long ones;
+- :class:`ImageInputs`: the artifact's preprocessor_config.json (runtime/pixels.py); a batch is
+  preprocessed pixels ``[N, 3, H, W]``.
+
+No PyTorch and no transformers on this path; the softmax is numpy. A variant whose answers
+depend on the batch (dynamic int8: ONNX Runtime computes activation scales per batch) is run one
+item per inference call, which makes every answer equal to the answer given alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from runtime.artifact import UNVERIFIED, Artifact, Variant, check_valid_artifact_dir
+from ferry.errors import ArtifactError, DataError, FerryError
+from ferry.tasks import IMAGE, TEXT, task_named
 from runtime import choose as choosing
+from ferry.files import MANIFEST
+from runtime.artifact import UNVERIFIED, Artifact, Variant, check_valid_artifact_dir
 from runtime.choose import Choice
 from runtime.engines import CPU, CUDA, Engine, available_providers, choose_providers, engine_installed, open_engine, softmax
 from runtime.engines import gpu_present as session_gpu_present
 from runtime.hardware import read_cpu
-from ferry.tasks import IMAGE_TASK
-from ferry.errors import ArtifactError, FerryError, first_line
+from runtime.pixels import PROCESSOR_FILE, processor_from_bytes
+from runtime.tokens import collate, encode, length_groups, load_tokenizer, pad_id
 
-TOKENIZER_FILE = "tokenizer.json"
 DEVICES = ("auto", "cpu", "cuda")
-# A length group closes when padding it to its longest text would add more than this
-# fraction of padding tokens to its real tokens.
-PAD_SLACK = 0.25
 
 
 @dataclasses.dataclass
 class Batch:
-    """The raw result of one batch: probabilities in input order and per-text facts."""
+    """One batch of items: how the engine runs it (built by the task's inputs), then its answers."""
 
-    probs: np.ndarray  # [n, labels] float64
-    truncated: list[bool]
-    tokens: list[int]  # tokens per text after truncation
-    padded_tokens: int  # tokens the model actually ran, padding included
-    runs: int  # inference calls made
+    groups: list[list[int]]  # the items of each inference call
+    feeds: list[dict[str, np.ndarray]] = dataclasses.field(repr=False)  # each call's model inputs
+    truncated: list[bool] | None = None  # per text: cut at max_length (images: None)
+    tokens: list[int] | None = None  # per text: its tokens after truncation (images: None)
+    padded_tokens: int | None = None  # tokens the model runs, padding included (images: None)
+    probs: np.ndarray | None = None  # [n, labels] float64 in input order, once run
+
+    @property
+    def runs(self) -> int:
+        """Inference calls made."""
+        return len(self.groups)
+
+
+class TextInputs:
+    """The text task's part of a runtime: the artifact's tokenizer; a batch of texts grouped by token length."""
+
+    names = ("input_ids", "attention_mask", "token_type_ids")  # the model inputs it feeds
+
+    def __init__(self, tokenizer: Any, max_length: int, pad: int):
+        self.tokenizer, self.max_length, self.pad_id = tokenizer, max_length, pad
+
+    @classmethod
+    def of(cls, artifact: Artifact) -> TextInputs:
+        tokenizer = load_tokenizer(artifact, artifact.max_length)
+        return cls(tokenizer, artifact.max_length, pad_id(tokenizer))
+
+    def batch(self, texts: Sequence[str], input_names: Sequence[str], max_group: int | None, max_tokens: int | None) -> Batch:
+        """``texts`` in length groups of at most ``max_group`` texts and ``max_tokens`` padded tokens."""
+        encodings = encode(self.tokenizer, texts)
+        lengths = [len(e.ids) for e in encodings]
+        groups = length_groups(lengths, max_group, max_tokens=max_tokens)
+        feeds = [collate([encodings[i].ids for i in g], self.pad_id, input_names, type_ids=[encodings[i].type_ids for i in g])
+                 for g in groups]
+        padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+        return Batch(groups, feeds, [len(e.overflowing) > 0 for e in encodings], lengths, padded)
+
+    def run_ids(self, engine: Engine, ids: list[list[int]]) -> np.ndarray:
+        """Logits of token id lists (single-sentence inputs: token types 0) padded into one batch:
+        how the start-up choice times and re-checks a variant on the artifact's reference texts."""
+        return engine.run(collate(ids, self.pad_id, engine.input_names))
+
+    def warm_up_items(self) -> list[str]:
+        """A short and a long text (truncated at max_length)."""
+        return ["warm-up", "warm-up " * self.max_length]
+
+    def info(self) -> dict[str, Any]:
+        return {"max_length": self.max_length}
+
+
+class ImageInputs:
+    """The image task's part of a runtime: the artifact's preprocessor_config.json (serve/http.py decodes
+    a request's images with it); a batch is preprocessed pixels ``[N, 3, H, W]`` in order."""
+
+    names = ("pixel_values",)
+    # No reference token ids: an image artifact is served with its export-time default variant, with no
+    # start-up choice and no re-check here.
+    run_ids = None
+
+    def __init__(self, processor: dict[str, Any], image_size: dict[str, int] | None):
+        self.processor, self.image_size = processor, image_size
+
+    @classmethod
+    def of(cls, artifact: Artifact) -> ImageInputs:
+        path = artifact.path / PROCESSOR_FILE
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no such file; an image artifact needs its {PROCESSOR_FILE}")
+        try:  # from the bytes checked against the manifest's files map
+            processor = processor_from_bytes(artifact.read_verified(PROCESSOR_FILE), path)
+        except DataError as e:
+            raise ArtifactError(str(e)) from None
+        return cls(processor, artifact.manifest.get("image_size"))
+
+    def batch(self, pixels: Any, input_names: Sequence[str], max_group: int | None, max_tokens: int | None) -> Batch:
+        """``pixels`` (``[N, 3, H, W]``, or a list of ``[3, H, W]``) in runs of at most ``max_group``
+        images, in order; ``max_tokens`` does not apply to images."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        n = len(pixels)
+        step = max_group or n or 1
+        starts = range(0, n, step)
+        return Batch([list(range(s, min(s + step, n))) for s in starts], [{"pixel_values": pixels[s : s + step]} for s in starts])
+
+    def warm_up_items(self) -> np.ndarray:
+        """Two black images at the model's size."""
+        size = self.image_size or {}
+        return np.zeros((2, 3, int(size.get("height", 224)), int(size.get("width", 224))), dtype=np.float32)
+
+    def info(self) -> dict[str, Any]:
+        return {"image_size": self.image_size}
+
+
+INPUTS = {TEXT: TextInputs, IMAGE: ImageInputs}
+
+
+def task_inputs(artifact: Artifact) -> TextInputs | ImageInputs:
+    """The inputs of ``artifact``'s task, loaded and checked (its tokenizer or its image processor).
+
+    Raises:
+        ArtifactError: a task ferry does not know, or a missing or damaged tokenizer or processor.
+    """
+    try:
+        task = task_named(artifact.task)
+    except FerryError as e:
+        raise ArtifactError(f"{artifact.path / MANIFEST}: {e}") from None
+    return INPUTS[task].of(artifact)
 
 
 def resolve_device(device: str = "auto", available: Sequence[str] | None = None, gpu_present: bool | None = None) -> str:
@@ -67,75 +170,6 @@ def resolve_device(device: str = "auto", available: Sequence[str] | None = None,
             raise FerryError("--device cuda: no NVIDIA GPU or driver is visible here; use --device cpu (or auto)")
         return "cuda"
     return "cuda" if CUDA in providers and present else "cpu"
-
-
-
-def length_groups(
-    lengths: Sequence[int], max_group: int | None = None, slack: float = PAD_SLACK, max_tokens: int | None = None,
-) -> list[list[int]]:
-    """Indices grouped by token length: each group is padded to its own longest text.
-
-    Indices are sorted by length; a group closes when it holds ``max_group`` texts, when
-    padding it to the next text's length would exceed ``slack`` of its real tokens, or when
-    its padded tokens would pass ``max_tokens`` (a text longer than that forms its own group).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:
-        n = lengths[i]
-        full = max_group is not None and len(current) >= max_group
-        wasteful = current and n * (len(current) + 1) > (real + n) * (1 + slack)
-        over = max_tokens is not None and n * (len(current) + 1) > max_tokens
-        if current and (full or wasteful or over):
-            groups.append(current)
-            current, real = [], 0
-        current.append(i)
-        real += n
-    if current:
-        groups.append(current)
-    return groups
-
-
-def load_tokenizer(artifact: Artifact, max_length: int) -> Any:
-    """The artifact's tokenizer.json, truncating to ``max_length``, never padding; built from the
-    bytes checked against the manifest's files map (when it has one)."""
-    from tokenizers import Tokenizer
-
-    path = artifact.path / TOKENIZER_FILE
-    if not path.is_file():
-        raise ArtifactError(
-            f"{artifact.path}: no {TOKENIZER_FILE}; the serving runtime needs a fast tokenizer, re-export from a "
-            "checkpoint saved with a fast tokenizer"
-        )
-    data = artifact.read_verified(TOKENIZER_FILE)
-    try:
-        tok = Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as e:  # the tokenizers library raises a plain Exception for a damaged file
-        raise ArtifactError(f"{path}: cannot load the tokenizer ({first_line(e)})") from None
-    tok.no_padding()
-    tok.enable_truncation(max_length)
-    check_vocabulary(artifact, tok)
-    return tok
-
-
-def check_vocabulary(artifact: Artifact, tok: Any) -> None:
-    """Refuse a tokenizer that emits ids past the model's embedding table (every text using them would fail)."""
-    import json
-
-    if not (artifact.path / "config.json").is_file():
-        return  # no config.json: nothing to compare with
-    try:
-        vocab_size = int(json.loads(artifact.read_verified("config.json")).get("vocab_size") or 0)
-    except (ValueError, TypeError, AttributeError):
-        return  # no usable config.json: nothing to compare with
-    top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
-    if vocab_size and top >= vocab_size:
-        raise ArtifactError(
-            f"{artifact.path / TOKENIZER_FILE}: token ids go up to {top} but config.json's vocab_size is {vocab_size}; "
-            "the tokenizer does not match the model, re-export from the checkpoint"
-        )
 
 
 def select_variant(artifact: Artifact, name: str | None, device: str, notes: list[str] | None = None) -> Variant:
@@ -162,20 +196,12 @@ def select_variant(artifact: Artifact, name: str | None, device: str, notes: lis
 
 def check_startup(path: str | Path, variant: str | None, device: str) -> Variant:
     """What the server checks before it starts workers: artifact and manifest, every file its files
-    map lists, variant, model sha256, tokenizer (or image processor)."""
+    map lists, variant, model sha256, the task's inputs (tokenizer or image processor)."""
     artifact = check_valid_artifact_dir(path)
     artifact.verify_files()
     v = select_variant(artifact, variant, resolve_device(device))
     v.verify()
-    if artifact.task == IMAGE_TASK:
-        from runtime.pixels import PROCESSOR_FILE, processor_from_bytes
-
-        try:
-            processor_from_bytes(artifact.read_verified(PROCESSOR_FILE), artifact.path / PROCESSOR_FILE)
-        except FerryError as e:
-            raise ArtifactError(str(e)) from None
-    else:
-        load_tokenizer(artifact, artifact.max_length)
+    task_inputs(artifact)
     return v
 
 
@@ -199,96 +225,25 @@ def open_verified(
     return engine
 
 
-class VariantSession:
-    """Opens one artifact variant in its engine: device, variant choice, sha256 check, CUDA fallback.
-
-    Shared by :class:`Runtime` (text) and ``serve.image.ImageRuntime``; sets ``device``, ``notes``,
-    ``variant``, ``engine``, ``provider`` and ``fallback``. Needs ``artifact``, ``threads``, ``optimization``.
-    """
-
-    artifact: Artifact
-    threads: int | None
-    optimization: str
-
-    def _open_variant(
-        self, variant: str | None, device: str, available: Sequence[str], factory: Callable[..., Any] | None,
-        gpu_present: bool | None = None,
-    ) -> None:
-        self.notes: list[str] = self.artifact.integrity_notes()  # warnings for the caller to show (the server logs them)
-        self.device = resolve_device(device, available, gpu_present)
-        self.fallback: str | None = None
-        self.choice: Choice | None = None
-        self.local_parity: dict[str, Any] | None = None
-        engine = None
-        if variant is None and self.device == "cpu":
-            self.choice = self._choose(available, factory)
-            if self.choice is not None:
-                variant = self.choice.variant
-                engine = self.choice.engines.get(str(variant))
-                self.local_parity = self.choice.local.get(str(variant))
-        self.variant = select_variant(self.artifact, variant, self.device, self.notes)
-        self.engine = engine or self._open(factory, available)
-        self.provider = self.engine.provider
-        if self.device == "cpu" and self.choice is None:
-            self._recheck_here()
-        if self.device == "cuda" and self.provider != CUDA:
-            # ORT lists CUDA but could not use it (no driver, no cuDNN): serve on CPU, with the CPU variant.
-            self.fallback = f"CUDA provider listed but unusable, fell back to {self.provider}"
-            if device == "cuda":
-                raise FerryError(f"--device cuda: ONNX Runtime could not use the GPU ({self.fallback}); use --device cpu")
-            self.device = "cpu"
-            self.variant = select_variant(self.artifact, variant, "cpu", self.notes)
-            self.engine = self._open(factory, [CPU])
-            self.provider = self.engine.provider
-
-    def _choose(self, available: Sequence[str], factory: Callable[..., Any] | None) -> Choice | None:
-        """The start-up choice among CPU variants (None: this runtime does not choose; the manifest's default)."""
-        return None
-
-    def _recheck_here(self) -> None:
-        """Re-check a named variant on this machine (nothing to do for a runtime without reference data)."""
-
-    def variant_info(self) -> dict[str, Any]:
-        """The /info fields of the open variant and where it runs."""
-        v = self.variant
-        return {
-            "variant": v.name,
-            "engine": v.engine,
-            "precision": v.info.get("precision"),
-            "sha256": v.info.get("sha256"),
-            "provider": self.provider,
-            "device": self.device,
-            "fallback": self.fallback,
-            "threads": self.threads,
-            "parity": {"status": v.status, **(v.info.get("parity") or {})},
-            "parity_here": self.local_parity,
-            "choice": self.choice.as_dict() if self.choice else None,
-            "cpu": read_cpu().as_dict(),
-            "variants": {n: x.status for n, x in self.artifact.variants.items()},
-        }
-
-    def _open(self, factory: Callable[..., Any] | None, available: Sequence[str]) -> Engine:
-        return open_verified(self.variant, self.device, self.threads, self.optimization, available, factory,
-                             tensorrt=self.variant.name.endswith("-tensorrt"))
-
-
-class Runtime(VariantSession):
-    """Tokenizer + engine for one artifact variant.
+class Runtime:
+    """The task's inputs + an engine for one artifact variant, text or image.
 
     Args:
         artifact: the artifact directory (``ferry export`` output).
-        variant: a variant name, or None for the artifact's default on the chosen device.
+        variant: a variant name, or None: on a CPU the start-up choice (text artifacts with
+            reference logits), else the artifact's default for the chosen device.
         device: "auto" (CUDA when usable, else CPU), "cpu" or "cuda".
-        threads: ONNX Runtime intra-op threads (None: one per physical core).
+        threads: engine intra-op threads (None: the engine's own default).
         optimization: graph optimization level (disable, basic, extended, all).
-        max_group: most texts per inference call (None: no cap beyond length grouping).
-        max_tokens: most padded tokens per inference call (None: no budget); a longer text runs alone.
+        max_group: most items per inference call (None: no cap beyond length grouping).
+        max_tokens: most padded tokens per inference call of texts (None: no budget); a longer text runs alone.
         available: the ONNX Runtime provider list, faked in tests.
         gpu_present: whether a GPU is present, faked in tests (None: look for one).
         session_factory: builds an ONNX Runtime session (tests pass a fake); defaults to runtime.engines.create_session.
         enforce_invariance: run a variant measured as batch-dependent (ferry.json's
-            ``batch_invariant: false``) one text per inference call, so that each answer
+            ``batch_invariant: false``) one item per inference call, so that each answer
             equals the answer alone; False trades that for batched throughput.
+        choose: make the start-up choice (or re-check a named variant here) where the task can.
 
     Raises:
         ArtifactError: a bad artifact, an unservable variant, or a model file whose sha256
@@ -311,63 +266,76 @@ class Runtime(VariantSession):
         choose: bool = True,
     ):
         self.artifact = artifact if isinstance(artifact, Artifact) else check_valid_artifact_dir(artifact)
-        self.choose_at_start = choose
+        self.inputs = task_inputs(self.artifact)
+        self.task = task_named(self.artifact.task)
+        self.choose_at_start = choose and self.inputs.run_ids is not None
         self.threads = threads
         self.optimization = optimization
         self.max_group = max_group
-        self.max_tokens = max_tokens  # padded tokens per model batch (None: no budget)
+        self.max_tokens = max_tokens
         self.labels = self.artifact.labels
-        self.max_length = self.artifact.max_length
         available = available_providers() if available is None else list(available)
-        self.requested_device = device
-        self.tokenizer = load_tokenizer(self.artifact, self.max_length)
-        self.pad_id = self._pad_id()
         self._open_variant(variant, device, available, session_factory, gpu_present)
         self.io_binding = getattr(self.engine, "io_binding", False)
         self.input_names = list(self.engine.input_names)
-        known = {"input_ids", "attention_mask", "token_type_ids"}
-        unknown = [n for n in self.input_names if n not in known]
+        unknown = [n for n in self.input_names if n not in self.inputs.names]
         if unknown:
-            raise ArtifactError(f"{self.variant.path}: model inputs {unknown} are not text-classification inputs")
+            raise ArtifactError(f"{self.variant.path}: model inputs {unknown} are not {self.task.name} inputs")
         # True, False, or None when export could not measure it (fp16 without a GPU)
         self.batch_invariant_variant: bool | None = self.variant.info.get("batch_invariant")
-        # One text per call makes a batch-dependent variant answer exactly as when alone.
+        # One item per call makes a batch-dependent variant answer exactly as when alone.
         self.one_per_run = enforce_invariance and self.batch_invariant_variant is False
         self._ready = threading.Event()
 
-    # --- loading -----------------------------------------------------------------
-    def _run_ids(self, engine: Engine, ids: list[list[int]]) -> np.ndarray:
-        """Logits of token id lists (single-sentence inputs: token types 0) padded into one batch."""
-        width = max(len(x) for x in ids)
-        feed = {"input_ids": np.full((len(ids), width), self.pad_id, dtype=np.int64),
-                "attention_mask": np.zeros((len(ids), width), dtype=np.int64),
-                "token_type_ids": np.zeros((len(ids), width), dtype=np.int64)}
-        for row, x in enumerate(ids):
-            feed["input_ids"][row, : len(x)] = x
-            feed["attention_mask"][row, : len(x)] = 1
-        return engine.run({k: feed[k] for k in engine.input_names})
+    # --- opening the variant ----------------------------------------------------------
+    def _open_variant(
+        self, variant: str | None, device: str, available: Sequence[str], factory: Callable[..., Any] | None,
+        gpu_present: bool | None = None,
+    ) -> None:
+        """Device, variant choice, sha256 check, CUDA fallback: sets ``device``, ``notes``, ``variant``,
+        ``engine``, ``provider``, ``fallback``, ``choice`` and ``local_parity``."""
+        self.notes: list[str] = self.artifact.integrity_notes()  # warnings for the caller to show (the server logs them)
+        self.device = resolve_device(device, available, gpu_present)
+        self.fallback: str | None = None
+        self.choice: Choice | None = None
+        self.local_parity: dict[str, Any] | None = None
+        engine = None
+        if variant is None and self.device == "cpu" and self.choose_at_start:
+            self.choice = self._choose(available, factory)
+            variant = self.choice.variant
+            engine = self.choice.engines.get(str(variant))
+            self.local_parity = self.choice.local.get(str(variant))
+        self.variant = select_variant(self.artifact, variant, self.device, self.notes)
+        self.engine = engine or self._open(factory, available)
+        self.provider = self.engine.provider
+        if self.device == "cpu" and self.choice is None and self.choose_at_start:
+            self._recheck_here()
+        if self.device == "cuda" and self.provider != CUDA:
+            # ORT lists CUDA but could not use it (no driver, no cuDNN): serve on CPU, with the CPU variant.
+            self.fallback = f"CUDA provider listed but unusable, fell back to {self.provider}"
+            if device == "cuda":
+                raise FerryError(f"--device cuda: ONNX Runtime could not use the GPU ({self.fallback}); use --device cpu")
+            self.device = "cpu"
+            self.variant = select_variant(self.artifact, variant, "cpu", self.notes)
+            self.engine = self._open(factory, [CPU])
+            self.provider = self.engine.provider
 
-    def _choose(self, available: Sequence[str], factory: Callable[..., Any] | None) -> Choice | None:
-        if not self.choose_at_start:
-            return None
+    def _choose(self, available: Sequence[str], factory: Callable[..., Any] | None) -> Choice:
+        """The start-up choice among the CPU variants (runtime/choose.py)."""
         names, skipped = choosing.candidates(self.artifact, read_cpu(), engine_installed)
         fallback = (self.artifact.manifest.get("default_variant") or {}).get("cpu")
 
         def open_variant(name: str) -> Engine:
             return open_verified(self.artifact.variants[name], "cpu", self.threads, self.optimization, available, factory)
 
-        return choosing.choose(self.artifact, names, skipped, open_variant, self._run_ids, choosing.load_reference(self.artifact), fallback)
+        return choosing.choose(self.artifact, names, skipped, open_variant, self.inputs.run_ids, choosing.load_reference(self.artifact), fallback)
 
     def _recheck_here(self) -> None:
         """A variant named by --variant is re-checked here too; one that fails is not served."""
-        if not self.choose_at_start:
-            return
         ref = choosing.load_reference(self.artifact)
         if ref is None:
             return
-        import time
-
-        verdict = choosing.recheck(lambda ids: self._run_ids(self.engine, ids), ref, choosing.gates_of(self.variant),
+        verdict = choosing.recheck(lambda ids: self.inputs.run_ids(self.engine, ids), ref, choosing.gates_of(self.variant),
                                    deadline=time.perf_counter() + choosing.BUDGET_S)
         if verdict["status"] != "pass" and self.variant.info.get("batch_invariant") is False and verdict["reason"].startswith("answers change"):
             verdict["status"] = "pass"  # a batch-dependent variant: served one text per call (--batch-invariance)
@@ -376,12 +344,9 @@ class Runtime(VariantSession):
             raise ArtifactError(f"{self.artifact.path}: variant '{self.variant.name}' fails its gate on this machine "
                                 f"({verdict['reason']}); serve another --variant")
 
-    def _pad_id(self) -> int:
-        for token in ("[PAD]", "<pad>", "<PAD>"):
-            i = self.tokenizer.token_to_id(token)
-            if i is not None:
-                return int(i)
-        return 0  # the attention mask hides padding, whatever its id
+    def _open(self, factory: Callable[..., Any] | None, available: Sequence[str]) -> Engine:
+        return open_verified(self.variant, self.device, self.threads, self.optimization, available, factory,
+                             tensorrt=self.variant.name.endswith("-tensorrt"))
 
     # --- facts ---------------------------------------------------------------------
     @property
@@ -392,7 +357,7 @@ class Runtime(VariantSession):
     @property
     def batch_invariance(self) -> str:
         if self.one_per_run:
-            return "one text per inference call (the variant's answers depend on its batch)"
+            return f"one {self.task.input} per inference call (the variant's answers depend on its batch)"
         return {True: "the variant is batch-invariant", False: "not enforced: answers depend on the batch",
                 None: "not measured for this variant"}[self.batch_invariant_variant]
 
@@ -406,7 +371,9 @@ class Runtime(VariantSession):
         )
 
     def info(self) -> dict[str, Any]:
+        """The /info body: the model, its labels, the variant and where it runs, batch invariance, readiness."""
         m = self.artifact.manifest
+        v = self.variant
         return {
             "model": {
                 "artifact": str(self.artifact.path),
@@ -419,10 +386,22 @@ class Runtime(VariantSession):
                 },
             },
             "labels": self.labels,
-            **self.variant_info(),
+            **self.inputs.info(),
+            "variant": v.name,
+            "engine": v.engine,
+            "precision": v.info.get("precision"),
+            "sha256": v.info.get("sha256"),
+            "provider": self.provider,
+            "device": self.device,
+            "fallback": self.fallback,
+            "threads": self.threads,
+            "parity": {"status": v.status, **(v.info.get("parity") or {})},
+            "parity_here": self.local_parity,
+            "choice": self.choice.as_dict() if self.choice else None,
+            "cpu": read_cpu().as_dict(),
+            "variants": {n: x.status for n, x in self.artifact.variants.items()},
             "io_binding": self.io_binding,
             "optimization": self.optimization,
-            "max_length": self.max_length,
             "batch_invariant": self.batch_invariant,
             "batch_invariant_variant": self.batch_invariant_variant,
             "batch_invariance": self.batch_invariance,
@@ -430,36 +409,12 @@ class Runtime(VariantSession):
         }
 
     # --- inference -----------------------------------------------------------------
-    def encode(self, texts: Sequence[str]) -> list[Any]:
-        try:
-            return self.tokenizer.encode_batch(list(texts))
-        except TypeError:  # a str the Rust tokenizer cannot take (a lone surrogate): replace the bad code points
-            return self.tokenizer.encode_batch([t.encode("utf-8", "replace").decode("utf-8") for t in texts])
-
-    def _feed(self, encodings: Sequence[Any]) -> dict[str, np.ndarray]:
-        width = max(len(e.ids) for e in encodings)
-        n = len(encodings)
-        ids = np.full((n, width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
-        types = np.zeros((n, width), dtype=np.int64)
-        for row, e in enumerate(encodings):
-            k = len(e.ids)
-            ids[row, :k] = e.ids
-            mask[row, :k] = 1
-            types[row, :k] = e.type_ids
-        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return {name: feed[name] for name in self.input_names}
-
-    def run_batch(self, texts: Sequence[str]) -> Batch:
-        """Probabilities for ``texts`` in their order, grouped by token length inside."""
-        encodings = self.encode(texts)
-        lengths = [len(e.ids) for e in encodings]
-        probs = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
-        groups = [[i] for i in range(len(texts))] if self.one_per_run else length_groups(lengths, self.max_group, max_tokens=self.max_tokens)
-        padded = 0
-        for group in groups:
-            feed = self._feed([encodings[i] for i in group])
-            padded += int(feed["input_ids"].size) if "input_ids" in feed else 0
+    def run_batch(self, items: Any) -> Batch:
+        """Probabilities for ``items`` (texts, or preprocessed images) in their order, in the
+        inference calls the task's inputs group them into."""
+        batch = self.inputs.batch(items, self.input_names, 1 if self.one_per_run else self.max_group, self.max_tokens)
+        probs = np.zeros((sum(map(len, batch.groups)), len(self.labels)), dtype=np.float64)
+        for group, feed in zip(batch.groups, batch.feeds):
             logits = self.engine.run(feed)
             if logits.shape != (len(group), len(self.labels)):
                 raise ArtifactError(
@@ -467,27 +422,31 @@ class Runtime(VariantSession):
                     "(labels in ferry.json do not match the model)"
                 )
             probs[group] = softmax(logits)
-        truncated = [len(e.overflowing) > 0 for e in encodings]
-        return Batch(probs, truncated, lengths, padded, len(groups))
+        batch.probs = probs
+        return batch
 
-    def format(self, probs: np.ndarray, truncated: bool, return_all_scores: bool = False) -> dict[str, Any]:
+    def format(self, probs: np.ndarray, truncated: bool | None, return_all_scores: bool = False) -> dict[str, Any]:
+        """One item's answer: ``{"label", "score"}``, ``"truncated"`` for a text, ``"scores"`` for every label when asked."""
         best = int(np.argmax(probs))
-        out: dict[str, Any] = {"label": self.labels[best], "score": float(probs[best]), "truncated": bool(truncated)}
+        out: dict[str, Any] = {"label": self.labels[best], "score": float(probs[best])}
+        if truncated is not None:
+            out["truncated"] = bool(truncated)
         if return_all_scores:
             out["scores"] = {label: float(p) for label, p in zip(self.labels, probs)}
         return out
 
-    def classify(self, texts: Sequence[str], return_all_scores: bool = False) -> list[dict[str, Any]]:
-        """Per text: ``{"label", "score", "truncated"}`` (+ ``"scores"`` for every label)."""
-        if not texts:
+    def classify(self, items: Any, return_all_scores: bool = False) -> list[dict[str, Any]]:
+        """Per item: ``{"label", "score"}`` (+ ``"truncated"`` for a text, ``"scores"`` for every label)."""
+        if not len(items):
             return []
-        b = self.run_batch(texts)
-        return [self.format(p, t, return_all_scores) for p, t in zip(b.probs, b.truncated)]
+        b = self.run_batch(items)
+        truncated = b.truncated or [None] * len(b.probs)
+        return [self.format(p, t, return_all_scores) for p, t in zip(b.probs, truncated)]
 
     # --- readiness -------------------------------------------------------------------
     def warm_up(self) -> None:
-        """One inference on a short and a long text; the runtime is ready after it."""
-        self.run_batch(["warm-up", "warm-up " * self.max_length])
+        """One inference on the task's warm-up items (a short and a long text, or two images); the runtime is ready after it."""
+        self.run_batch(self.inputs.warm_up_items())
         self._ready.set()
 
     @property

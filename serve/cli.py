@@ -19,19 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import check_valid_artifact_dir
-from runtime.engines import OPT_LEVELS
-from ferry.tasks import IMAGE_TASK
-from ferry.config import opt, positive
+from ferry.config import opt
 from ferry.errors import ConfigError, FerryError
-from serve.settings import BATCH_INVARIANCE, CPU_MAX_WORKERS, DEFAULT_MODEL, DEVICE_DEFAULTS, GPU_WORKERS, ServeSettings, worker_split
+from runtime.artifact import check_valid_artifact_dir
+from runtime.predictor import resolve_device, task_inputs
+from serve.settings import DEFAULT_MODEL, RunOptions, ServedModel, ServeSettings, worker_split
 
 SERVICE = "serve.service:Ferry"
 ROOT = Path(__file__).resolve().parent.parent  # the directory holding the serve, export and ferry packages
-
-
-def at_least_two(value: Any) -> str | None:
-    return None if value is None or value >= 2 else "must be >= 2 (BentoML batches at least two texts)"
 
 
 def port_number(value: Any) -> str | None:
@@ -39,59 +34,19 @@ def port_number(value: Any) -> str | None:
 
 
 @dataclasses.dataclass
-class ServeArgs:
-    """Serve an artifact over HTTP with BentoML (adaptive batching, CPU or CUDA)."""
+class Listen:
+    """Where the server listens."""
 
-    artifact: str | None = opt(None, "the artifact directory written by ferry export", positional=True)
-    variant: str | None = opt(None, "the variant to serve (default on CPU: the fastest variant that passes its gate on this machine, timed and re-checked at start within 15 s; on GPU: the artifact's GPU default)")
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = opt(3000, "TCP port to listen on", check=port_number)
-    device: str = opt("auto", "where to run: auto (CUDA when ONNX Runtime can use a GPU), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    threads: int | None = opt(None, "engine threads per worker (default on CPU: the physical cores divided among the workers; on GPU: the engine's own)", check=positive)
-    optimization: str = opt("all", "ONNX Runtime graph optimization level", choices=OPT_LEVELS)
-    workers: int | None = opt(
-        None,
-        f"server worker processes, each loading the model once (default: one per physical core, at most {CPU_MAX_WORKERS}, "
-        f"on CPU; {GPU_WORKERS} on GPU)",
-        check=positive,
-    )
-    max_batch_size: int | None = opt(
-        None,
-        f"most texts the adaptive batcher merges into one model batch (default: {DEVICE_DEFAULTS['cpu']['max_batch_size']} "
-        f"on CPU, {DEVICE_DEFAULTS['cuda']['max_batch_size']} on GPU)",
-        check=at_least_two,
-    )
-    max_latency_ms: int | None = opt(
-        None,
-        "queueing budget: a batch whose estimated latency passes it is refused with 503 (overload) "
-        f"(default: {DEVICE_DEFAULTS['cpu']['max_latency_ms']} on CPU, {DEVICE_DEFAULTS['cuda']['max_latency_ms']} on GPU)",
-        check=positive,
-    )
-    max_batch_tokens: int | None = opt(
-        None,
-        "token budget of one model batch: the merged texts, sorted by length, run in groups whose padded tokens stay "
-        "within it (a longer text runs alone) "
-        f"(default: {DEVICE_DEFAULTS['cpu']['max_batch_tokens']} on CPU, {DEVICE_DEFAULTS['cuda']['max_batch_tokens']} on GPU)",
-        check=positive,
-    )
-    max_texts: int = opt(256, "most texts in one request (more: 413)", check=positive)
-    max_chars: int = opt(50_000, "most characters in one text (more: 413); texts over max_length tokens are truncated", check=positive)
-    max_images: int = opt(64, "image artifacts: most images in one /classify-image request (more: 413)", check=positive)
-    max_image_bytes: int = opt(10_000_000, "image artifacts: most encoded bytes of one image (more: 413)", check=positive)
-    max_image_pixels: int = opt(40_000_000, "image artifacts: most pixels (width x height) of one image (more: 413)", check=positive)
-    timeout: int = opt(120, "seconds before a request is abandoned", check=positive)
-    max_concurrency: int = opt(
-        256,
-        "most requests in flight per worker; more are answered 429 at once (the admission gate already refuses "
-        "with 503 what would wait past max_latency_ms; past this, a request only holds memory and a connection)",
-        check=positive,
-    )
-    batch_invariance: str = opt(
-        "enforce",
-        "enforce: a variant whose answers depend on its batch (dynamic int8) runs one text per call, so every answer "
-        "equals the answer alone; variant: batch it anyway, faster",
-        choices=BATCH_INVARIANCE,
-    )
+
+
+@dataclasses.dataclass
+class ServeArgs(RunOptions, Listen, ServedModel):
+    """Serve an artifact over HTTP with BentoML (adaptive batching, CPU or CUDA)."""
+
+    # A dataclass lists its bases' fields last base first: ServedModel's, Listen's, RunOptions',
+    # then these; that is the order of --help.
     import_model: bool = opt(
         False, "register the artifact in the BentoML model store first and serve it from there", short="--import"
     )
@@ -138,8 +93,8 @@ def store_artifact(path: str | Path, name: str = DEFAULT_MODEL) -> str:
     metadata = {
         "task": artifact.task,
         "labels": artifact.labels,
-        # BentoML metadata takes no None: the input shape entry of the task only
-        **({"image_size": m.get("image_size") or {}} if artifact.task == IMAGE_TASK else {"max_length": artifact.max_length}),
+        # the input shape of the task (max_length, or image_size); BentoML metadata takes no None
+        **{key: {} if value is None else value for key, value in task_inputs(artifact).info().items()},
         "default_variant": m.get("default_variant") or {},
         "variants": {
             n: {k: x for k, x in (("precision", v.info.get("precision")), ("status", v.status),
@@ -192,57 +147,32 @@ def store(args: StoreArgs) -> int:
 
 
 def serve(args: ServeArgs) -> int:
-    from runtime.predictor import Runtime, resolve_device
+    from serve.bento_batcher import check_bentoml
 
     if args.artifact is None:
         raise ConfigError("ARTIFACT is required")
     # Everything a worker will do at start, done here first, so bad input is one line and no server.
-    from serve.bento_batcher import check_bentoml
-
     check_bentoml()  # a BentoML whose internals ferry does not know: one line, not a server that fails
-    from runtime.artifact import check_valid_artifact_dir
-    from serve.image import ImageRuntime
-
     artifact = check_valid_artifact_dir(args.artifact)  # paths inside it, the manifest's content hash
     artifact.verify_files()  # every file its files map lists; a worker checks again what it loads
-    image = artifact.task == IMAGE_TASK
+    settings = ServeSettings.of(args)
+    settings.artifact = str(Path(args.artifact).resolve())
     # The split first: the start-up choice times the candidates with the threads a worker will have.
-    workers, threads, split = worker_split(resolve_device(args.device), args.workers, args.threads)
-    runtime = (ImageRuntime if image else Runtime)(
-        args.artifact, args.variant, args.device, threads, args.optimization,
-        enforce_invariance=args.batch_invariance == "enforce",
-    )
+    settings.workers, settings.threads, settings.split = worker_split(resolve_device(args.device), args.workers, args.threads)
+    runtime = settings.open_runtime(artifact, settings.threads)
     for note in runtime.notes:
         print(f"ferry serve: warning: {note}", file=sys.stderr)
-    choice = getattr(runtime, "choice", None)
-    if choice is not None:
-        for line in choice.log_lines():
+    if runtime.choice is not None:
+        for line in runtime.choice.log_lines():
             print(f"ferry serve: {line}", file=sys.stderr)
-    settings = ServeSettings(
-        artifact=str(Path(args.artifact).resolve()),
         # the choice made here, so each worker opens (and re-checks) that one instead of timing them all again
-        variant=args.variant or (runtime.variant.name if choice is not None else None),
-        choice=json.dumps(choice.as_dict()) if choice is not None else None,
-        # what the check above resolved "auto" to, so a worker never retries an unusable GPU
-        device=runtime.device if args.device == "auto" else args.device,
-        threads=threads,
-        optimization=args.optimization,
-        workers=workers,
-        split=split,
-        max_batch_size=args.max_batch_size,
-        max_latency_ms=args.max_latency_ms,
-        max_batch_tokens=args.max_batch_tokens,
-        max_texts=args.max_texts,
-        max_chars=args.max_chars,
-        max_images=args.max_images,
-        max_image_bytes=args.max_image_bytes,
-        max_image_pixels=args.max_image_pixels,
-        timeout_s=args.timeout,
-        max_concurrency=args.max_concurrency,
-        batch_invariance=args.batch_invariance,
-    )
+        settings.variant = runtime.variant.name
+        settings.choice = json.dumps(runtime.choice.as_dict())
+    # what the check above resolved "auto" to, so a worker never retries an unusable GPU
+    settings.device = runtime.device if args.device == "auto" else args.device
     batch, latency = settings.batching(runtime.device)
     tokens = settings.batch_tokens(runtime.device)
+    route = runtime.task.route
     print(f"ferry serve: {runtime.describe()}", file=sys.stderr)
     del runtime
     check_port(args.host, args.port)
@@ -251,8 +181,9 @@ def serve(args: ServeArgs) -> int:
         settings.artifact = None
         print(f"ferry serve: registered the artifact as {settings.model_tag}; serving it from the model store", file=sys.stderr)
     print(
-        f"ferry serve: http://{args.host}:{args.port} (POST {'/classify-image' if image else '/classify'}, GET /info, /readyz, /metrics), "
-        f"max_batch_size={batch}, max_batch_tokens={tokens}, max_latency_ms={latency}, workers={workers} x threads {threads or 'auto'} ({split}); Ctrl-C stops it",
+        f"ferry serve: http://{args.host}:{args.port} (POST {route}, GET /info, /readyz, /metrics), "
+        f"max_batch_size={batch}, max_batch_tokens={tokens}, max_latency_ms={latency}, "
+        f"workers={settings.workers} x threads {settings.threads or 'auto'} ({settings.split}); Ctrl-C stops it",
         file=sys.stderr,
     )
     return run_server(settings, args.host, args.port)

@@ -3,11 +3,11 @@
 BentoML 1.4 builds its app with its request-metrics middleware outermost, labelled with the raw
 request path, so requests to random paths add label sets to ``/metrics`` without bound; and it
 serves every ``@bentoml.api`` endpoint over HTTP, the batchable ones included. ferry's batchable
-endpoints (``/batch``, ``/batch-image``) are internal: ``/classify`` and ``/classify-image``
-validate a request, cap its body and admit it through the gate (serve/batching.py), then call the
-endpoint's adaptive batcher in process (``serve.bento_batcher.batchable_endpoint``), never over
-HTTP. Reached directly, they would skip all of that and one malformed call would fail every
-request merged into its batch.
+endpoint (``/batch``) is internal: ``/classify`` and ``/classify-image`` validate a request, cap
+its body and admit it through the gate (serve/batching.py), then call the endpoint's adaptive
+batcher in process (``serve.bento_batcher.batchable_endpoint``), never over HTTP. Reached
+directly, it would skip all of that and one malformed call would fail every request merged into
+its batch.
 
 So :class:`Front` wraps the app BentoML builds (installed around ``Service.to_asgi``, the call
 BentoML's worker makes, by ``wrap_asgi`` in serve/bento_batcher.py) and answers, before any

@@ -5,22 +5,24 @@ Routes:
                      validates each request (4xx JSON errors), then feeds its texts, in
                      chunks of at most ``max_batch_size``, to the batchable endpoint's
                      adaptive batcher, in process.
-    POST /classify-image  the same for images (serve/image.py).
-    GET  /info       model, labels, variant, provider, max_length, batch invariance, parity.
+    POST /classify-image  the same for images.
+    GET  /info       model, labels, max_length or image_size, variant, provider, batch invariance, parity.
     GET  /livez, /readyz (200 only once every worker has run its warm-up inference),
                      /metrics (BentoML's Prometheus metrics plus texts, tokens and padded
                      tokens per batch).
 
-The batchable endpoints ``batch`` and ``batch_image`` (BentoML's adaptive batcher merges the
-texts or images of concurrent requests into one list) are internal: serve/front.py answers 404
-to them over HTTP, as to any path that is not a route, before BentoML's metrics label it.
+The service is BentoML's usual shape: one class, the model (a runtime/predictor.py ``Runtime``, for
+the artifact's task) loaded in ``__init__``, one batchable method taking a list: ``batch``, into
+which BentoML's adaptive batcher merges the texts or images of concurrent requests. It is
+internal: serve/front.py answers 404 to it over HTTP, as to any path that is not a route, before
+BentoML's metrics label it. What a request may be is serve/http.py's.
 
 Where ferry reaches into BentoML's internals (the batcher called in process, the cork cap, the
 wrap around the app, the timeout timers), it does so in serve/bento_batcher.py, which checks
 the installed BentoML at the import of this module and refuses one it does not know.
 
 Bodies are capped per endpoint by what its largest valid request needs
-(``ServeSettings.body_caps``) and parsed as they are checked (serve/body.py). Whatever goes
+(``ServeSettings.body_caps``) and parsed as they are checked (serve/http.py). Whatever goes
 wrong past validation is a one-line JSON 5xx naming the cause, never a bare 500: an inference
 that raises fails only the requests holding the texts it raised on (the merged batch is re-run
 one text at a time to find them), and a NaN or infinite score is a 500 naming the text, because
@@ -49,25 +51,24 @@ import signal
 import sys
 import threading
 from http import HTTPStatus
-from typing import Annotated, Any, Awaitable, Callable, NoReturn
+from typing import Any, Awaitable, Callable, NoReturn
 
 import bentoml
-from annotated_types import Len, MaxLen
 import numpy as np
-from bentoml.exceptions import InvalidArgument, ServiceUnavailable
+from bentoml.exceptions import ServiceUnavailable
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ferry.tasks import IMAGE_TASK
-from ferry.errors import FerryError
-from serve import bento_batcher, front
-from serve.batching import Overloaded, TextGate, in_chunks
-from serve.body import WHOLE_BYTES, RequestError, Scalar, Strings, json_problem, parse_object, read_body
-from serve.readiness import SharedReadiness
+from ferry.errors import FerryError, first_line
+from ferry.tasks import IMAGE, TEXT, Task
 from runtime.predictor import Runtime, check_startup, resolve_device
-from serve.settings import ServeSettings, worker_split
+from serve import bento_batcher, front, http
+from serve.batching import Overloaded, TextGate, in_chunks
+from serve.body import RequestError
+from serve.readiness import SharedReadiness
+from serve.settings import ServeSettings, env_name, worker_split
 
 log = logging.getLogger("bentoml.ferry")  # BentoML configures the "bentoml" logger in its workers
 
@@ -83,20 +84,10 @@ MAX_BATCH_TOKENS = SETTINGS.batch_tokens(DEVICE)
 WORKERS, THREADS, SPLIT = worker_split(DEVICE, SETTINGS.workers, SETTINGS.threads)
 SPLIT = SETTINGS.split or SPLIT
 BODY_CAPS = SETTINGS.body_caps()
-KEYS = ("texts", "return_all_scores")
-EXAMPLE = '{"texts": ["..."]}'
-TEXT_SCHEMA = {
-    "texts": Strings(
-        SETTINGS.max_texts, SETTINGS.max_chars * 6,
-        lambda key: f"'{key}' has over {SETTINGS.max_texts} items, more than the limit of {SETTINGS.max_texts} per request; split it",
-        lambda key, i: f"{key}[{i}] has more characters than the limit of {SETTINGS.max_chars}",
-    ),
-    "return_all_scores": Scalar(),
-}
-PUBLIC = "routes are POST /classify, POST /classify-image, GET /info, /livez, /readyz, /metrics"
+PUBLIC = f"routes are POST {TEXT.route}, POST {IMAGE.route}, GET /info, /livez, /readyz, /metrics"
 
 _metrics: dict[str, Any] = {}
-_infer: dict[str, Callable[..., Awaitable[Any]]] = {}  # batchable endpoint name -> its adaptive batcher
+_infer: Callable[..., Awaitable[Any]] | None = None  # the batchable endpoint's adaptive batcher, once found
 _gate: TextGate | None = None
 
 
@@ -123,9 +114,7 @@ def error(status: HTTPStatus, message: str) -> JSONResponse:
 
 def describe(e: BaseException) -> str:
     """An exception in one line: its type and the first line of its message."""
-    text = str(e).strip()
-    first = text.splitlines()[0][:300] if text else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e, 300)}" if str(e).strip() else type(e).__name__
 
 
 def non_finite(probs: Any) -> str | None:
@@ -136,95 +125,21 @@ def non_finite(probs: Any) -> str | None:
     return "NaN" if np.isnan(a).any() else "inf"
 
 
-def parse_request(body: bytes) -> tuple[list[str], bool]:
-    """The texts and return_all_scores of a small /classify body; RequestError names what is wrong."""
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        raise RequestError(HTTPStatus.BAD_REQUEST, "body is nested too deeply to be a request") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and a number of more than 4300 digits
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({json_problem(e)}); send {EXAMPLE}") from None
-    return check_request(data)
-
-
-async def parse_text_body(body: bytes) -> tuple[list[str], bool]:
-    """A /classify body: parsed whole when small, else as it is checked (serve/body.py)."""
-    if len(body) <= WHOLE_BYTES:
-        return parse_request(body)
-    return check_request(await parse_object(body, TEXT_SCHEMA, EXAMPLE))
-
-
-def check_request(data: Any) -> tuple[list[str], bool]:
-    """The texts and return_all_scores of a parsed /classify body."""
-    if not isinstance(data, dict):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"body must be a JSON object like {{\"texts\": [...]}}, got {type(data).__name__}")
-    unknown = [k for k in data if k not in KEYS]
-    if "texts" not in data:
-        got = f" (got: {', '.join(repr(k[:100]) for k in unknown[:5])})" if unknown else ""
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"'texts' is missing{got}; send {{\"texts\": [\"...\"]}}")
-    if unknown:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown key {unknown[0][:100]!r}; keys are: {', '.join(KEYS)}")
-    texts = data["texts"]
-    if not isinstance(texts, list):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"'texts' must be a list of strings, got {_kind(texts)}")
-    if not texts:
-        raise RequestError(HTTPStatus.BAD_REQUEST, "'texts' is empty; send at least one text")
-    if len(texts) > SETTINGS.max_texts:
-        raise RequestError(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            f"'texts' has {len(texts)} items, more than the limit of {SETTINGS.max_texts} per request; split it",
-        )
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{i}] must be a string, got {_kind(text)}")
-        if len(text) > SETTINGS.max_chars:
-            raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"texts[{i}] has {len(text)} characters, more than the limit of {SETTINGS.max_chars}",
-            )
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate escape: the tokenizer would fail the whole batch
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{i}] is not valid Unicode (a lone surrogate such as \\ud800)") from None
-    return_all = data.get("return_all_scores", False)
-    if not isinstance(return_all, bool):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"'return_all_scores' must be true or false, got {_kind(return_all)}")
-    return texts, return_all
-
-
-def _kind(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def _endpoint(request: Request, name: str) -> Callable[..., Awaitable[Any]]:
-    """The adaptive batcher of the batchable endpoint ``name``, found once through the app's router
-    (serve/bento_batcher.py; see :func:`batcher`); the first one found also makes the gate."""
-    global _gate
-    if name not in _infer:
-        infer, dispatcher = bento_batcher.batchable_endpoint(request.scope, name)
-        if dispatcher is not None:
-            bento_batcher.cap_cork_wait(dispatcher)
-        _infer[name] = infer
-        _gate = _gate or TextGate(2 * MAX_BATCH_SIZE)  # one batch running, one forming
-    return _infer[name]
-
-
-def batcher(request: Request) -> Callable[[list[str]], Awaitable[list[dict[str, Any]]]]:
-    """The batchable endpoint's adaptive batcher, called in process.
+def batcher(request: Request) -> Callable[[list[Any]], Awaitable[list[dict[str, Any]]]]:
+    """The batchable endpoint's adaptive batcher, called in process; the first call also makes the gate.
 
     Not ``self.to_async``, BentoML's own way: serve/bento_batcher.py's ``batchable_endpoint``
     says why, and how the dispatcher BentoML built for the batchable endpoint is found through
     the app's router; that endpoint's own HTTP route is closed (serve/front.py).
     """
-    infer = _endpoint(request, "batch")
-    return lambda texts: infer((texts,), {})
-
-
-def is_image_server() -> bool:
-    from serve.image import ImageRuntime
-
-    return isinstance(bentoml.get_current_service().runtime, ImageRuntime)
+    global _infer, _gate
+    if _infer is None:
+        _infer, dispatcher = bento_batcher.batchable_endpoint(request.scope, "batch")
+        if dispatcher is not None:
+            bento_batcher.cap_cork_wait(dispatcher)
+        _gate = TextGate(2 * MAX_BATCH_SIZE)  # one batch running, one forming
+    infer = _infer
+    return lambda items: infer((items,), {})
 
 
 OVERLOADED = f"server overloaded: the request would wait more than max_latency_ms={MAX_LATENCY_MS}; retry later"
@@ -255,64 +170,54 @@ async def run_batched(run: Callable[[list[Any]], Awaitable[list[dict[str, Any]]]
     return raw
 
 
-async def classify(request: Request) -> JSONResponse:
-    if is_image_server():
-        return error(HTTPStatus.BAD_REQUEST, "this server serves an image-classification model; POST images to /classify-image")
-    rt = bentoml.get_current_service().runtime
+def refuse(rt: Runtime, task: Task) -> JSONResponse | None:
+    """The answer to a request for ``task`` that this worker cannot serve (nothing of it read yet):
+    400 on a server of the other task, 503 while warming up; None when it can."""
+    if rt.task is not task:
+        return error(HTTPStatus.BAD_REQUEST, f"this server serves a model for {rt.task.name}; POST {rt.task.input}s to {rt.task.route}")
     if not rt.ready:
         return error(HTTPStatus.SERVICE_UNAVAILABLE, WARMING_UP)
-    try:
-        texts, return_all = await parse_text_body(await read_body(request, BODY_CAPS["/classify"]))
-    except RequestError as e:
-        return error(e.status, str(e))
-    raw = await run_batched(batcher(request), texts, "texts")
+    return None
+
+
+async def answer(request: Request, rt: Runtime, items: list[Any], return_all: bool) -> JSONResponse:
+    """The results for a request's checked ``items``, run through the adaptive batcher."""
+    raw = await run_batched(batcher(request), items, f"{rt.task.input}s")
     if isinstance(raw, JSONResponse):
         return raw
     return JSONResponse({"results": [rt.format(r["probs"], r["truncated"], return_all) for r in raw]})
 
 
-def image_batcher(request: Request) -> Callable[[list[Any]], Awaitable[Any]]:
-    """The batch_image endpoint's adaptive batcher, called in process (see :func:`batcher`)."""
-    infer = _endpoint(request, "batch_image")
-    return lambda pixels: infer((np.stack(pixels),), {})
+async def classify(request: Request) -> JSONResponse:
+    """POST /classify: JSON ``texts`` (serve/http.py)."""
+    rt = bentoml.get_current_service().runtime
+    refused = refuse(rt, TEXT)
+    if refused:
+        return refused
+    try:
+        texts, return_all = await http.read_texts(request, BODY_CAPS[TEXT.route], SETTINGS.max_texts, SETTINGS.max_chars)
+    except RequestError as e:
+        return error(e.status, str(e))
+    return await answer(request, rt, texts, return_all)
 
 
 async def classify_image(request: Request) -> JSONResponse:
-    """POST /classify-image: multipart ``images`` files or JSON base64 ``images`` (serve/image.py)."""
+    """POST /classify-image: multipart ``images`` files or JSON base64 ``images`` (serve/http.py)."""
     import anyio
 
-    from serve.image import parse_json_body, parse_multipart
-
-    if not is_image_server():
-        return error(HTTPStatus.BAD_REQUEST, "this server serves a text-classification model; POST texts to /classify")
     rt = bentoml.get_current_service().runtime
-    if not rt.ready:
-        return error(HTTPStatus.SERVICE_UNAVAILABLE, WARMING_UP)
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    refused = refuse(rt, IMAGE)
+    if refused:
+        return refused
     try:
-        if kind not in ("multipart/form-data", "application/json"):
-            raise RequestError(
-                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                f"content type '{kind[:100] or 'none'}': send multipart/form-data with 'images' files, or application/json "
-                '{"images": ["<base64>", ...]}',
-            )
-        body = await read_body(request, BODY_CAPS["/classify-image"])
-        limits = (SETTINGS.max_images, SETTINGS.max_image_bytes)
-        if kind == "multipart/form-data":
-            raws, return_all = await parse_multipart(request.headers, body, *limits)
-        else:
-            raws, return_all = await parse_json_body(body, *limits)
-        del body
+        raws, return_all = await http.read_images(request, BODY_CAPS[IMAGE.route], SETTINGS.max_images, SETTINGS.max_image_bytes)
         # Decoding and resizing are CPU work: off the event loop.
         pixels = await anyio.to_thread.run_sync(
-            lambda: [rt.decode(raw, f"images[{i}]", SETTINGS.max_image_pixels) for i, raw in enumerate(raws)]
+            lambda: [http.decode(raw, f"images[{i}]", rt.inputs.processor, SETTINGS.max_image_pixels) for i, raw in enumerate(raws)]
         )
     except RequestError as e:
         return error(e.status, str(e))
-    raw = await run_batched(image_batcher(request), pixels, "images")
-    if isinstance(raw, JSONResponse):
-        return raw
-    return JSONResponse({"results": [rt.format(r["probs"], return_all) for r in raw]})
+    return await answer(request, rt, pixels, return_all)
 
 
 async def info(request: Request) -> JSONResponse:
@@ -330,7 +235,7 @@ async def info(request: Request) -> JSONResponse:
         "max_images": SETTINGS.max_images,
         "max_image_bytes": SETTINGS.max_image_bytes,
         "max_image_pixels": SETTINGS.max_image_pixels,
-        "max_body_bytes": BODY_CAPS["/classify-image" if is_image_server() else "/classify"],
+        "max_body_bytes": BODY_CAPS[svc.runtime.task.route],
         "max_concurrency": SETTINGS.max_concurrency,
         "workers": WORKERS,
         "threads_per_worker": THREADS,
@@ -354,8 +259,8 @@ def model_path() -> tuple[str, str | None]:
 
 
 routes = Starlette(routes=[
-    Route("/classify", classify, methods=["POST"]),
-    Route("/classify-image", classify_image, methods=["POST"]),
+    Route(TEXT.route, classify, methods=["POST"]),
+    Route(IMAGE.route, classify_image, methods=["POST"]),
     Route("/info", info, methods=["GET"]),
 ])
 
@@ -364,10 +269,10 @@ routes = Starlette(routes=[
     name="ferry",
     workers=WORKERS,
     # BentoML divides max_concurrency among the workers: each worker holds SETTINGS.max_concurrency.
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency * WORKERS},
+    traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency * WORKERS},
     labels={"project": "ferry"},
     logging={"access": {"enabled": False}},
-    tracing={"excluded_urls": ["/classify", "/classify-image", "/info", "/livez", "/readyz", "/metrics"]},
+    tracing={"excluded_urls": [TEXT.route, IMAGE.route, "/info", "/livez", "/readyz", "/metrics"]},
 )
 @bentoml.asgi_app(routes, path="/")
 class Ferry:
@@ -389,26 +294,12 @@ class Ferry:
     def __init__(self) -> None:
         path, self.model_tag = model_path()
         try:
-            from runtime.artifact import check_valid_artifact_dir
-            from serve.image import ImageRuntime
-
-            image = check_valid_artifact_dir(path).task == IMAGE_TASK
-            extra = {} if image else {"max_tokens": MAX_BATCH_TOKENS}
-            self.runtime = (ImageRuntime if image else Runtime)(
-                path,
-                variant=SETTINGS.variant,
-                device=SETTINGS.device,
-                threads=THREADS,
-                optimization=SETTINGS.optimization,
-                max_group=MAX_BATCH_SIZE,
-                enforce_invariance=SETTINGS.batch_invariance == "enforce",
-                **extra,
-            )
+            self.runtime = SETTINGS.open_runtime(path, THREADS, MAX_BATCH_SIZE, MAX_BATCH_TOKENS)
         except FerryError as e:
             stop_server(f"refusing to start: {e}")
         for note in self.runtime.notes:
             log.warning(note)
-        if getattr(self.runtime, "choice", None) is not None:
+        if self.runtime.choice is not None:
             for line in self.runtime.choice.log_lines():
                 log.info(line)
         log.info(self.runtime.describe())
@@ -432,49 +323,30 @@ class Ferry:
         """Ready when this worker and every other worker of the server have run their warm-up."""
         return self.runtime.ready and _readiness.all_ready()
 
-    def _run_texts(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Probabilities per text; when the batch raises, each text again alone, so that only the
-        texts it raises on get an error (naming the cause), not every request merged with them."""
+    def _run(self, items: list[Any]) -> list[dict[str, Any]]:
+        """Probabilities per item; when the batch raises, each item again alone, so that only the
+        items it raises on get an error (naming the cause), not every request merged with them."""
         try:
-            b = self.runtime.run_batch(texts)
-        except Exception as e:  # noqa: BLE001 - reported per text to the requests that hold it
-            if len(texts) == 1:
-                log.error("inference failed on one text: %s", describe(e))
+            b = self.runtime.run_batch(items)
+        except Exception as e:  # noqa: BLE001 - reported per item to the requests that hold it
+            if len(items) == 1:
+                log.error("inference failed on one %s: %s", self.runtime.task.input, describe(e))
                 return [{"error": describe(e)}]
-            log.warning("a batch of %d texts failed (%s); running them one at a time", len(texts), describe(e))
-            return [r for t in texts for r in self._run_texts([t])]
-        m = metrics()
-        m["texts"].observe(len(texts))
-        m["tokens"].observe(sum(b.tokens))
-        m["padded"].observe(b.padded_tokens)
-        return [{"probs": p.tolist(), "truncated": t} for p, t in zip(b.probs, b.truncated)]
+            log.warning("a batch of %d %ss failed (%s); running them one at a time", len(items), self.runtime.task.input, describe(e))
+            return [r for i in range(len(items)) for r in self._run(items[i : i + 1])]
+        if b.tokens is not None:  # texts: what the model ran, per batch
+            m = metrics()
+            m["texts"].observe(len(items))
+            m["tokens"].observe(sum(b.tokens))
+            m["padded"].observe(b.padded_tokens)
+        truncated = b.truncated or [None] * len(items)
+        return [{"probs": p.tolist(), "truncated": t} for p, t in zip(b.probs, truncated)]
 
     @bentoml.api(route="/batch", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def batch(
-        self, texts: Annotated[list[Annotated[str, MaxLen(SETTINGS.max_chars)]], Len(1, MAX_BATCH_SIZE)]
-    ) -> list[dict[str, Any]]:
-        """Probabilities per text for a merged batch (texts of concurrent requests); internal (serve/front.py)."""
-        if not hasattr(self.runtime, "run_batch"):
-            raise InvalidArgument("this server serves an image-classification model; POST images to /classify-image")
-        return self._run_texts(texts)
-
-    def _run_pixels(self, pixels: np.ndarray) -> list[dict[str, Any]]:
-        """Probabilities per image, isolating the images an inference raises on (see :meth:`_run_texts`)."""
-        try:
-            return [{"probs": p} for p in self.runtime.run_pixels(pixels)]
-        except Exception as e:  # noqa: BLE001 - reported per image to the requests that hold it
-            if len(pixels) == 1:
-                log.error("inference failed on one image: %s", describe(e))
-                return [{"error": describe(e)}]
-            log.warning("a batch of %d images failed (%s); running them one at a time", len(pixels), describe(e))
-            return [r for i in range(len(pixels)) for r in self._run_pixels(pixels[i : i + 1])]
-
-    @bentoml.api(route="/batch-image", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def batch_image(self, pixels: np.ndarray) -> list[dict[str, Any]]:
-        """Probabilities per image for a merged batch of preprocessed pixels ``[N, 3, H, W]``; internal (serve/front.py)."""
-        if not hasattr(self.runtime, "run_pixels"):
-            raise InvalidArgument("this server serves a text-classification model; POST texts to /classify")
-        return self._run_pixels(pixels)
+    def batch(self, items: list[Any]) -> list[dict[str, Any]]:
+        """Probabilities per item for a merged batch (the checked texts, or preprocessed images
+        ``[3, H, W]``, of concurrent requests); internal (serve/front.py)."""
+        return self._run(items)
 
 
 def choose_once() -> None:
@@ -483,22 +355,16 @@ def choose_once() -> None:
     they all serve the same variant instead of each timing the candidates against the others."""
     if SETTINGS.variant or DEVICE != "cpu":
         return
-    path = model_path()[0]
-    from runtime.artifact import check_valid_artifact_dir
-
-    if check_valid_artifact_dir(path).task == IMAGE_TASK:
-        return
     try:
-        rt = Runtime(path, device="cpu", threads=THREADS, optimization=SETTINGS.optimization,
-                     enforce_invariance=SETTINGS.batch_invariance == "enforce")
+        rt = SETTINGS.open_runtime(model_path()[0], THREADS)
     except FerryError as e:
         print(f"ferry: refusing to start: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if rt.choice is not None:
         for line in rt.choice.log_lines():
             log.info(line)
-        os.environ["FERRY_CHOICE"] = json.dumps(rt.choice.as_dict())
-    os.environ["FERRY_VARIANT"] = rt.variant.name
+        os.environ[env_name("choice")] = json.dumps(rt.choice.as_dict())
+    os.environ[env_name("variant")] = rt.variant.name
 
 
 def stop_server(reason: str) -> NoReturn:
@@ -514,5 +380,5 @@ def stop_server(reason: str) -> NoReturn:
 
 _readiness = SharedReadiness(WORKERS)
 bento_batcher.wrap_asgi(Ferry, lambda app, internal: front.Front(
-    app, internal, PUBLIC, fast={"/classify": classify}, max_concurrency=SETTINGS.max_concurrency, timeout_s=SETTINGS.timeout_s))
+    app, internal, PUBLIC, fast={TEXT.route: classify}, max_concurrency=SETTINGS.max_concurrency, timeout_s=SETTINGS.timeout))
 bento_batcher.cancel_timeout_timers()

@@ -1,5 +1,5 @@
 """Hostile image input, without a server: decompression bombs, formats outside the allow-list,
-base64 as `base64 FILE` prints it, huge JSON numbers (serve/image.py, runtime/pixels.py)."""
+base64 as `base64 FILE` prints it, huge JSON numbers (serve/http.py, runtime/pixels.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from PIL import Image
 
 from ferry.errors import DataError
 from runtime import pixels
-from serve.image import ImageRequestError, decode, parse_json
+from serve.body import RequestError as ImageRequestError
+from serve.http import decode, parse_json
 from tests import images
 
 PROCESSOR = pixels.processor_dict(8, [0.5] * 3, [0.5] * 3)

@@ -15,7 +15,8 @@ from runtime.engines import CPU, CUDA, create_session
 from ferry.errors import ArtifactError, ConfigError, FerryError
 from ferry.files import sha256_file
 from runtime import engines as engines_module
-from runtime.predictor import Runtime, length_groups, resolve_device
+from runtime.predictor import Runtime, TextInputs, resolve_device
+from runtime.tokens import length_groups
 from serve.settings import ServeSettings, worker_split
 from tests.serve.conftest import ROOT, copy_artifact
 from tests.artifacts import write_manifest
@@ -89,7 +90,7 @@ def test_the_token_budget_batcher_restores_order_on_a_fake_engine():
     the one text longer than it, alone), and each text's answer sits at its own index, equal to its
     answer alone."""
     rt = Runtime.__new__(Runtime)
-    rt.tokenizer, rt.engine, rt.labels, rt.pad_id = FakeTokenizer(), FakeEngine(), ["a", "b", "c"], 0
+    rt.inputs, rt.engine, rt.labels = TextInputs(FakeTokenizer(), 512, 0), FakeEngine(), ["a", "b", "c"]
     rt.input_names, rt.one_per_run, rt.max_group, rt.max_tokens = FakeEngine.input_names, False, 32, 24
     rng = np.random.default_rng(1)
     texts = [" ".join("w" * int(rng.integers(1, 9)) for _ in range(int(rng.integers(1, 12)))) for _ in range(40)]
@@ -110,7 +111,7 @@ def test_batched_answers_equal_answers_alone_in_input_order(served_artifact):
         alone = rt.run_batch([text])
         assert np.abs(alone.probs[0] - batch.probs[i]).max() <= 1e-6, text
     assert batch.truncated == [False, True, False, False, False, False]
-    assert batch.tokens[1] == rt.max_length and batch.tokens[2] == 2  # [CLS] [SEP] for the empty text
+    assert batch.tokens[1] == rt.inputs.max_length and batch.tokens[2] == 2  # [CLS] [SEP] for the empty text
     out = rt.classify(TEXTS, return_all_scores=True)
     assert [o["label"] for o in out] == [rt.labels[int(np.argmax(p))] for p in batch.probs]
     assert all(abs(sum(o["scores"].values()) - 1) < 1e-9 for o in out)
