@@ -111,7 +111,8 @@ class BenchArgs:
 
 def grid_cells(tokenizer: Any, vocab: int, batch_sizes: Sequence[int], seq_lengths: Sequence[int], max_length: int, input_names: Sequence[str], seed: int) -> tuple[list[Cell], list[int]]:
     """Cells of random full-length texts; sequence lengths above the model's are dropped (returned)."""
-    from export.inputs import collate, pad_id, random_ids
+    from export.inputs import pad_id, random_ids
+    from runtime.tokens import collate
 
     rng = np.random.default_rng(seed)
     cells, dropped = [], sorted({s for s in seq_lengths if s > max_length})
@@ -124,7 +125,8 @@ def grid_cells(tokenizer: Any, vocab: int, batch_sizes: Sequence[int], seq_lengt
 
 def text_cells(tokenizer: Any, texts: Sequence[str], batch_sizes: Sequence[int], max_length: int, input_names: Sequence[str]) -> list[Cell]:
     """Cells of real texts: consecutive batches, each padded to its own longest text."""
-    from export.inputs import collate, encode, pad_id
+    from export.inputs import encode, pad_id
+    from runtime.tokens import collate
 
     ids = encode(tokenizer, texts, max_length)
     cells = []

@@ -47,7 +47,8 @@ def selection_texts(texts: Sequence[str]) -> list[str]:
 
 def batches(tokenizer: Any, texts: Sequence[str], length: int, inputs: Sequence[str]) -> list[tuple[list[int], dict[str, np.ndarray]]]:
     """(row indices, padded feeds) of ``texts`` at up to ``length`` tokens, similar lengths together."""
-    from export.inputs import collate, encode, pad_id
+    from export.inputs import encode, pad_id
+    from runtime.tokens import collate
 
     ids = encode(tokenizer, texts, length)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

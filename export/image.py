@@ -51,10 +51,10 @@ def image_size(processor: dict[str, Any]) -> tuple[int, int]:
     return int(size["height"]), int(size["width"])
 
 
-def load_pixels(folder: Path, labels: Sequence[str], processor: dict[str, Any], max_examples: int, flag: str) -> tuple[np.ndarray, list[int]]:
-    """Pixels and label ids of a ``<label>/<image>`` folder, through the shared preprocessing."""
+def labelled_pixels(folder: Path, labels: Sequence[str], processor: dict[str, Any], max_examples: int, flag: str) -> tuple[np.ndarray, list[int]]:
+    """Pixels and label ids of a ``<label>/<image>`` folder, through the runtime's preprocessing."""
     from finetune.images import read_image_folder
-    from runtime.pixels import open_image, preprocess
+    from runtime.pixels import load_pixels
 
     files, names = read_image_folder(folder, flag)
     known = {label: i for i, label in enumerate(labels)}
@@ -63,8 +63,7 @@ def load_pixels(folder: Path, labels: Sequence[str], processor: dict[str, Any], 
         raise DataError(f"{folder}: class folder '{unknown[0]}' is not one of the model's labels ({', '.join(labels)})")
     if max_examples and len(files) > max_examples:
         files, names = files[:max_examples], names[:max_examples]
-    pixels = preprocess([open_image(f, str(f)) for f in files], processor)
-    return pixels, [known[y] for y in names]
+    return load_pixels(files, processor), [known[y] for y in names]
 
 
 def calibration_feeds(folder: Path, processor: dict[str, Any], samples: int, flag: str) -> list[dict[str, np.ndarray]]:
@@ -83,7 +82,7 @@ def heldout_pixels(split: Path | None, labels: Sequence[str], processor: dict[st
     folder, flag = (Path(data), "--data") if data else (split, "held-out images")
     if folder is None:
         return None
-    pixels, ids = load_pixels(folder, labels, processor, max_examples, flag)
+    pixels, ids = labelled_pixels(folder, labels, processor, max_examples, flag)
     return pixels, ids, str(folder)
 
 
@@ -253,7 +252,7 @@ class ImageExport(TaskExport):
             calib = calibration_feeds(folder, processor, calibration.samples, flag)
         pixels = heldout_pixels(ckpt.heldout, labels, processor, heldout.data, heldout.max_examples)
         if "int8-static" in variants and ckpt.validation is not None:
-            validation = load_pixels(ckpt.validation, labels, processor, heldout.max_examples, "validation images")[0]
+            validation = labelled_pixels(ckpt.validation, labels, processor, heldout.max_examples, "validation images")[0]
         return cls(ckpt, model, processor, labels=labels, heldout=pixels, calib=calib, validation=validation,
                    calibration=calibration, gate=gate, threads=threads)
 

@@ -25,22 +25,6 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[i
     return [list(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
 
 
-def collate(ids: Sequence[Sequence[int]], pad: int, input_names: Sequence[str], length: int | None = None) -> dict[str, np.ndarray]:
-    """Right-pad ``ids`` to the longest (or ``length``) and build the inputs ``input_names`` asks for."""
-    width = length or max(len(x) for x in ids)
-    input_ids = np.full((len(ids), width), pad, dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = x
-        mask[i, : len(x)] = 1
-    feeds = {"input_ids": input_ids, "attention_mask": mask}
-    if "token_type_ids" in input_names:
-        feeds["token_type_ids"] = np.zeros_like(input_ids)
-    if "position_ids" in input_names:
-        feeds["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
-    return {k: v for k, v in feeds.items() if k in input_names}
-
-
 def random_ids(tokenizer: Any, vocab_size: int, batch: int, seq: int, rng: np.random.Generator, full: bool = False) -> list[list[int]]:
     """``batch`` random token sequences of at most ``seq`` tokens, framed by the tokenizer's own
     special tokens; real lengths vary inside the batch (the first row is always ``seq`` long,

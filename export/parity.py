@@ -38,7 +38,8 @@ import numpy as np
 
 from runtime.artifact import FAIL, PASS, UNVERIFIED, VARIANTS, VariantSpec
 from runtime.engines import softmax
-from export.inputs import collate, encode, pad_id, random_ids, read_jsonl_texts
+from export.inputs import encode, pad_id, random_ids, read_jsonl_texts
+from runtime.tokens import collate
 from ferry.config import non_negative, opt, positive
 from ferry.errors import DataError, ParityError, first_line
 from ferry.tables import fmt, text_table

@@ -317,7 +317,8 @@ class TextExport(TaskExport):
         return q
 
     def int8_static(self, dst: Path, work: Path, isa: str) -> dict[str, Any]:
-        from export.inputs import collate, encode, pad_id
+        from export.inputs import encode, pad_id
+        from runtime.tokens import collate
 
         ids = encode(self.tokenizer, self.calib, self.max_length)
         feeds = [collate([x], pad_id(self.tokenizer), self.inputs) for x in ids]

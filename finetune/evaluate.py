@@ -65,10 +65,10 @@ def evaluate(args: EvaluateArgs) -> int:
     if image:
         import torch
 
-        from finetune.imagemodel import image_logits, load_pixels
+        from finetune.imagemodel import image_logits, pixel_tensor
         from runtime.pixels import load_processor
 
-        pixels = load_pixels(examples.texts, load_processor(ckpt.path))
+        pixels = pixel_tensor(examples.texts, load_processor(ckpt.path))
         logits = image_logits(model, pixels, args.batch_size, torch.device("cpu")).numpy()
         max_length = None
     else:

@@ -214,15 +214,11 @@ def augment(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, flo
     return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def load_pixels(paths: list[str], processor: dict[str, Any]) -> torch.Tensor:
-    """Decode and preprocess image files (:func:`runtime.pixels.preprocess`) into one float32 tensor."""
-    from runtime.pixels import open_image, preprocess
+def pixel_tensor(paths: list[str], processor: dict[str, Any]) -> torch.Tensor:
+    """Image files decoded and preprocessed by the runtime's :func:`runtime.pixels.load_pixels`, as one float32 tensor."""
+    from runtime.pixels import load_pixels
 
-    chunks = []
-    for start in range(0, len(paths), 256):  # bounded PIL memory: decode, preprocess, drop the images
-        chunk = paths[start : start + 256]
-        chunks.append(torch.from_numpy(preprocess([open_image(Path(p), p) for p in chunk], processor)))
-    return torch.cat(chunks) if chunks else torch.empty(0)
+    return torch.from_numpy(load_pixels(paths, processor))
 
 
 @torch.no_grad()

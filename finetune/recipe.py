@@ -169,7 +169,7 @@ class ImageRecipe:
         """Decode and preprocess the training images once; there are no features to compute."""
         from finetune import imagemodel
 
-        self.pixels = imagemodel.load_pixels(data.train.texts, self.processor)
+        self.pixels = imagemodel.pixel_tensor(data.train.texts, self.processor)
 
     def train_mode(self, model: Any) -> None:
         from finetune import imagemodel
@@ -191,7 +191,7 @@ class ImageRecipe:
     def predict(self, net: Any, examples: Examples, index: list[int], split: str) -> Any:
         from finetune import imagemodel
 
-        pixels = imagemodel.load_pixels([examples.texts[i] for i in index], self.processor)
+        pixels = imagemodel.pixel_tensor([examples.texts[i] for i in index], self.processor)
         return imagemodel.image_logits(net, pixels, self.args.eval_batch_size, self.dist.device, self.autocast).argmax(-1)
 
 

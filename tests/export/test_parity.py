@@ -113,7 +113,8 @@ def test_output_name_mismatch_fails_before_values(bert_artifact, bert_ckpt, tmp_
 
 
 def test_random_inputs_are_right_padded_with_varied_lengths():
-    from export.inputs import collate, random_ids
+    from export.inputs import random_ids
+    from runtime.tokens import collate
 
     tok = tiny.tokenizer()
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from export import parity
-from export.inputs import collate
+from runtime.tokens import collate
 from export.parity import EngineFailed, GateArgs, Gates, Labelled, OutputMismatch, Reference, ValueMismatch
 from ferry.errors import ParityError
 from tests.cli import run_fails
