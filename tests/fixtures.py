@@ -1,8 +1,8 @@
 """The one builder of tiny models and checkpoints for the tests (nothing is downloaded).
 
-Tests take the shared checkpoints as session fixtures (tests/conftest.py: ``bert_ckpt``,
-``distilbert_ckpt``, ``roberta_ckpt``, ``resnet_ckpt``, ``vit_ckpt``, ``tiny_bert``) and call these
-functions only for a model of their own: another seed, an untrained or mismatched one, a plain
+Tests take the shared ones as session fixtures (tests/conftest.py: ``tiny_bert``, ``bert_ckpt``,
+``distilbert_ckpt``, ``roberta_ckpt``, ``resnet_ckpt``, ``vit_ckpt``) and call these functions
+only for a model of their own: another seed, an untrained or mismatched one, a plain
 Hugging Face directory. The data they learn from is tests/tiny.py's.
 """
 
@@ -47,24 +47,24 @@ def roberta_tokenizer(directory: Path):
 
 # --- text models --------------------------------------------------------------------------------
 
-def text_config(arch: str, vocab_size: int, layers: int = 2, **extra):
-    """The tiny configuration of ``arch`` (bert, distilbert or roberta): 32 wide, 2 heads."""
+def text_config(arch: str, vocab_size: int, **extra):
+    """The tiny configuration of ``arch`` (bert, distilbert or roberta): 2 layers, 32 wide, 2 heads."""
     from transformers import BertConfig, DistilBertConfig, RobertaConfig
 
     if arch == "bert":
-        return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+        return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                           intermediate_size=64, max_position_embeddings=128, **extra)
     if arch == "distilbert":
-        return DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=layers, n_heads=2, hidden_dim=64,
+        return DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                                 max_position_embeddings=128, **extra)
     if arch == "roberta":
-        return RobertaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+        return RobertaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                              intermediate_size=64, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1,
                              bos_token_id=0, eos_token_id=2, **extra)
     raise ValueError(arch)
 
 
-def base_model(path: Path, arch: str = "bert", layers: int = 2, seed: int = 0) -> Path:
+def base_model(path: Path, arch: str = "bert", seed: int = 0) -> Path:
     """Write a tiny random base model (no classification head) and its tokenizer to ``path``: what
     `ferry finetune --model` starts from."""
     import torch
@@ -72,7 +72,7 @@ def base_model(path: Path, arch: str = "bert", layers: int = 2, seed: int = 0) -
 
     torch.manual_seed(seed)
     tok = tokenizer()
-    model = AutoModel.from_config(text_config(arch, tok.vocab_size, layers))
+    model = AutoModel.from_config(text_config(arch, tok.vocab_size))
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
@@ -158,17 +158,17 @@ def member_probs(ckpt: Path, texts: list[str]):
 
 # --- image models -------------------------------------------------------------------------------
 
-def effnet_config(image_size: int = IMAGE_SIZE, num_labels: int = 5):
-    """A tiny EfficientNet-Lite configuration (3 stages, 8 to 16 channels)."""
+def effnet_config():
+    """A tiny EfficientNet-Lite configuration (3 stages, 8 to 16 channels, 5 labels) at IMAGE_SIZE."""
     from finetune.efficientnet_lite import EfficientNetLiteConfig
 
     return EfficientNetLiteConfig(
-        image_size=image_size, stem_channels=8, head_channels=32, channels=(8, 12, 16), repeats=(1, 2, 1),
-        kernels=(3, 5, 3), strides=(1, 2, 2), expand_ratios=(1, 2, 2), num_labels=num_labels)
+        image_size=IMAGE_SIZE, stem_channels=8, head_channels=32, channels=(8, 12, 16), repeats=(1, 2, 1),
+        kernels=(3, 5, 3), strides=(1, 2, 2), expand_ratios=(1, 2, 2), num_labels=5)
 
 
-def image_model(path: Path, arch: str = "effnet", seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
-    """Write a tiny random image-classification base model (resnet, vit or effnet) to ``path``."""
+def image_model(path: Path, arch: str = "effnet", seed: int = 0) -> Path:
+    """Write a tiny random image-classification base model (resnet, vit or effnet) for IMAGE_SIZE to ``path``."""
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
@@ -180,10 +180,10 @@ def image_model(path: Path, arch: str = "effnet", seed: int = 0, image_size: int
             embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5))
     elif arch == "vit":
         model = ViTForImageClassification(ViTConfig(
-            image_size=image_size, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            image_size=IMAGE_SIZE, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=32, num_labels=5))
     elif arch == "effnet":
-        model = EfficientNetLiteForImageClassification(effnet_config(image_size))
+        model = EfficientNetLiteForImageClassification(effnet_config())
     else:
         raise ValueError(arch)
     model.save_pretrained(path, safe_serialization=True)
