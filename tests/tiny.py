@@ -1,4 +1,5 @@
-"""Tiny models and data built inside the tests: nothing is downloaded."""
+"""Tiny data built inside the tests (texts, CSV files, images): nothing is downloaded. The tiny
+models and checkpoints that learn from it are built in tests/fixtures.py."""
 
 from __future__ import annotations
 
@@ -13,39 +14,8 @@ TOPICS = {
     "tech": "computer software chip phone internet code data network cloud robot app".split(),
     "food": "pasta bread soup cheese recipe kitchen cook flavor dinner salad pizza".split(),
 }
+LABELS = sorted(TOPICS)
 FILLER = "the a an of to and in is was it on for with by at this that from good bad new old great small big very really today yesterday".split()
-
-
-def tokenizer():
-    """A WordPiece tokenizer over the committed tiny vocabulary."""
-    from transformers import BertTokenizerFast
-
-    return BertTokenizerFast(vocab_file=str(VOCAB), do_lower_case=True, model_max_length=64)
-
-
-def base_model(path: Path, arch: str = "bert", layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny random base model and its tokenizer to ``path`` (a local HF directory)."""
-    import torch
-    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
-
-    torch.manual_seed(seed)
-    tok = tokenizer()
-    if arch == "bert":
-        config = BertConfig(
-            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=128,
-        )
-        model = BertModel(config)
-    elif arch == "distilbert":
-        config = DistilBertConfig(
-            vocab_size=tok.vocab_size, dim=32, n_layers=layers, n_heads=2, hidden_dim=64, max_position_embeddings=128
-        )
-        model = DistilBertModel(config)
-    else:
-        raise ValueError(arch)
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
 
 
 def texts(n_per_class: int = 20, seed: int = 0, topics: dict[str, list[str]] = TOPICS) -> list[tuple[str, str]]:
@@ -74,10 +44,11 @@ def write_csv(path: Path, rows: list[tuple[str, str]], text_column: str = "text"
 
 # Images: three classes a tiny model tells apart (a dominant colour and a stripe direction each).
 IMAGE_CLASSES = {"red": ((200, 40, 40), "h"), "green": ((40, 180, 60), "v"), "blue": ((40, 60, 200), "d")}
+IMAGE_LABELS = sorted(IMAGE_CLASSES)
 
 
-def image(label: str, size: int = 20, seed: int = 0):
-    """One noisy PIL image of class ``label``."""
+def image(label: str, size: int = 20, seed: int = 0, mode: str = "RGB"):
+    """One noisy PIL image of class ``label``, converted to ``mode``."""
     import numpy as np
     from PIL import Image
 
@@ -89,7 +60,16 @@ def image(label: str, size: int = 20, seed: int = 0):
     mask = {"h": y % 4 < 2, "v": x % 4 < 2, "d": (x + y) % 4 < 2}[stripes]
     a[mask] *= 0.5
     a += rng.normal(0, 12, a.shape)
-    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB").convert(mode)
+
+
+def png_bytes(img, fmt: str = "PNG") -> bytes:
+    """``img`` encoded as ``fmt``."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
 
 
 def image_folder(path: Path, per_class: int = 12, size: int = 20, seed: int = 0) -> Path:
@@ -100,34 +80,3 @@ def image_folder(path: Path, per_class: int = 12, size: int = 20, seed: int = 0)
         for n in range(per_class):
             image(label, size, seed * 1000 + k * 100 + n).save(d / f"{n}.png")
     return path
-
-
-def image_model(path: Path, arch: str = "effnet", seed: int = 0, image_size: int = 32) -> Path:
-    """Write a tiny random image-classification base model (resnet, vit or effnet) to ``path``."""
-    import torch
-    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
-
-    from finetune.efficientnet_lite import EfficientNetLiteForImageClassification
-
-    torch.manual_seed(seed)
-    if arch == "resnet":
-        model = ResNetForImageClassification(ResNetConfig(
-            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5))
-    elif arch == "vit":
-        model = ViTForImageClassification(ViTConfig(
-            image_size=image_size, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=32, num_labels=5))
-    elif arch == "effnet":
-        model = EfficientNetLiteForImageClassification(tiny_effnet_config(image_size))
-    else:
-        raise ValueError(arch)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def tiny_effnet_config(image_size: int = 32, num_labels: int = 5):
-    from finetune.efficientnet_lite import EfficientNetLiteConfig
-
-    return EfficientNetLiteConfig(
-        image_size=image_size, stem_channels=8, head_channels=32, channels=(8, 12, 16), repeats=(1, 2, 1),
-        kernels=(3, 5, 3), strides=(1, 2, 2), expand_ratios=(1, 2, 2), num_labels=num_labels)

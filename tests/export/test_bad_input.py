@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from ferry.files import sha256_file
-from tests import tiny
-from tests.export.conftest import FAST, make_checkpoint, run_fails
+from tests import fixtures, tiny
 from tests.artifacts import write_manifest
+from tests.cli import run_fails
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
@@ -47,9 +47,9 @@ def test_corrupted_safetensors(bert_ckpt, tmp_path, capsys):
 
 
 def test_tokenizer_that_does_not_match_the_model(tmp_path, capsys):
-    tok = tiny.tokenizer()
+    tok = fixtures.tokenizer()
     # an embedding matrix smaller than the tokenizer's vocabulary
-    ckpt = make_checkpoint(tmp_path / "ckpt", "bert", steps=0, vocab_size=len(tok) - 40, tokenizer=tok)
+    ckpt = fixtures.text_checkpoint(tmp_path / "ckpt", "bert", steps=0, vocab_size=len(tok) - 40, tok=tok)
     run_fails(
         ["export", str(ckpt), "--output", str(tmp_path / "out")], capsys,
         f"{len(tok)} tokens", f"{len(tok) - 40} rows", "does not belong to this model",

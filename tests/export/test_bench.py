@@ -14,7 +14,7 @@ import pytest
 from bench.engines import plan_engines
 from bench.report import percentile, spread
 from runtime.hardware import read_cpu
-from tests.export.conftest import run, run_fails
+from tests.cli import run, run_fails
 
 AVX2 = read_cpu("model name : Fake EPYC\nflags : fpu sse avx2 fma\n", machine="x86_64")
 SAPPHIRE = read_cpu("model name : Fake Xeon\nflags : avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16\n", machine="x86_64")

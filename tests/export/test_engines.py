@@ -10,7 +10,8 @@ from export.export import default_variants
 from runtime import engines
 from runtime.hardware import Cpu, read_cpu
 from ferry.cli import main
-from tests.export.conftest import FAST, manifest
+from ferry.files import read_manifest
+from tests.cli import EXPORT_FAST
 
 AVX2 = Cpu("AMD EPYC", "x86_64", frozenset({"avx2", "fma"}))
 AMX = Cpu("Intel Xeon", "x86_64", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}))
@@ -36,13 +37,13 @@ def test_cpu_features_from_cpuinfo_text():
 def ov_artifact(tmp_path_factory, bert_ckpt):
     out = tmp_path_factory.mktemp("ov") / "artifact"
     variants = "fp32,int8-static,openvino-fp32,openvino-bf16,openvino-int8-static"
-    rc = main(["export", str(bert_ckpt), "--output", str(out), "--variants", variants, *FAST])
+    rc = main(["export", str(bert_ckpt), "--output", str(out), "--variants", variants, *EXPORT_FAST])
     assert rc == 0
     return out
 
 
 def test_openvino_variants_go_through_the_same_gate(ov_artifact):
-    m = manifest(ov_artifact)
+    m = read_manifest(ov_artifact)
     v = m["variants"]
     assert list(v) == ["fp32", "int8-static", "openvino-fp32", "openvino-bf16", "openvino-int8-static"]
     ov32, ovbf, ov8 = v["openvino-fp32"], v["openvino-bf16"], v["openvino-int8-static"]

@@ -10,13 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.export.conftest import FAST, LABELS, make_checkpoint, manifest, member_probs, run, run_fails
+from ferry.files import read_manifest
+from tests.cli import EXPORT_FAST, run, run_fails
+from tests.fixtures import member_probs, text_checkpoint
+from tests.tiny import LABELS
 
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory, bert_ckpt, distilbert_ckpt) -> list[Path]:
     """Three members sharing one tokenizer and held-out split: two BERTs (different seeds) and a DistilBERT."""
-    other = make_checkpoint(tmp_path_factory.mktemp("bert-seed1") / "ckpt", "bert", seed=1)
+    other = text_checkpoint(tmp_path_factory.mktemp("bert-seed1") / "ckpt", "bert", seed=1)
     return [bert_ckpt, other, distilbert_ckpt]
 
 
@@ -41,7 +44,7 @@ def onnx_probs(artifact: Path, texts: list[str], variant: str = "model.onnx") ->
 @pytest.fixture(scope="module")
 def mean_artifact(members, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ensemble") / "artifact"
-    argv = ["export", "--ensemble", *map(str, members), "--output", str(out), "--variants", "fp32,int8,int8-static", *FAST]
+    argv = ["export", "--ensemble", *map(str, members), "--output", str(out), "--variants", "fp32,int8,int8-static", *EXPORT_FAST]
     from ferry.cli import main
 
     assert main(argv) == 0
@@ -60,7 +63,7 @@ def test_mean_ensemble_artifact_equals_the_mean_of_member_probabilities(members,
     got = onnx_probs(mean_artifact, texts)
     assert np.abs(got - want).max() < 1e-5
 
-    m = manifest(mean_artifact)
+    m = read_manifest(mean_artifact)
     assert m["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]  # the union: DistilBERT takes no token_type_ids
     ens = m["ensemble"]
     assert ens["combine"] == "mean"
@@ -82,7 +85,7 @@ def test_weighted_and_vote_match_an_independent_computation(members, combine, tm
     pair = members[:2] if combine == "weighted" else members
     out = tmp_path / combine
     extra = ["--weights", "3,1"] if combine == "weighted" else []
-    rc, _, err = run(["export", "--ensemble", *map(str, pair), "--combine", combine, *extra, "--output", str(out), "--variants", "fp32", *FAST], capsys)
+    rc, _, err = run(["export", "--ensemble", *map(str, pair), "--combine", combine, *extra, "--output", str(out), "--variants", "fp32", *EXPORT_FAST], capsys)
     assert rc == 0, err
     texts, _ = heldout_texts(members[0])
     probs = np.stack([member_probs(m, texts) for m in pair])
@@ -96,11 +99,11 @@ def test_weighted_and_vote_match_an_independent_computation(members, combine, tm
         assert np.array_equal(want.argmax(-1), (votes + 1e-3 * probs.mean(0)).argmax(-1))  # most votes wins
     got = onnx_probs(out, texts)
     assert np.abs(got - want).max() < 1e-5
-    assert manifest(out)["ensemble"]["combine"] == combine
+    assert read_manifest(out)["ensemble"]["combine"] == combine
 
 
 def test_parity_and_bench_rebuild_the_pytorch_ensemble(mean_artifact, tmp_path, capsys):
-    rc, out, err = run(["parity", str(mean_artifact), "--variants", "fp32", *FAST], capsys)
+    rc, out, err = run(["parity", str(mean_artifact), "--variants", "fp32", *EXPORT_FAST], capsys)
     assert rc == 0, err
     assert "fp32" in out and "pass" in out
     report = tmp_path / "bench"

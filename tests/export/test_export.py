@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,10 @@ import pytest
 
 from runtime.artifact import check_valid_artifact_dir
 from runtime.engines import cuda_usable
-from ferry.files import sha256_file
-from tests.export.conftest import FAST, LABELS, make_checkpoint, manifest, run
+from ferry.files import read_manifest, sha256_file
+from ferry.tasks import TEXT_TASK
+from tests.cli import EXPORT_FAST, run
+from tests.tiny import LABELS
 
 BERT_FILES = {
     "ferry.json", "config.json", "model.onnx", "model_int8.onnx", "model_int8_static.onnx", "model_fp16.onnx",
@@ -52,8 +53,8 @@ def onnx_vs_pytorch(ckpt: Path, onnx_path: Path) -> tuple[list[str], float]:
 
 def test_bert_artifact_files_and_manifest(bert_artifact, bert_ckpt):
     assert {p.name for p in bert_artifact.iterdir()} == BERT_FILES
-    m = manifest(bert_artifact)
-    assert m["stage"] == "export" and m["task"] == "text-classification"
+    m = read_manifest(bert_artifact)
+    assert m["stage"] == "export" and m["task"] == TEXT_TASK
     assert m["labels"] == LABELS
     assert m["source"]["checkpoint"] == str(bert_ckpt.resolve())
     assert m["source"]["manifest_sha256"] == sha256_file(bert_ckpt / "ferry.json")
@@ -116,7 +117,7 @@ def test_bert_artifact_files_and_manifest(bert_artifact, bert_ckpt):
 
 
 def test_parity_block_records_all_measures(bert_artifact):
-    p = manifest(bert_artifact)["variants"]["fp32"]["parity"]
+    p = read_manifest(bert_artifact)["variants"]["fp32"]["parity"]
     assert p["checks"] == {"output_names": "ok", "shapes": "ok"}
     # random tokens: batch sizes 1 and 3 at lengths 8, 24 and 64
     assert p["random"]["cases"] == [[1, 8], [3, 8], [1, 24], [3, 24], [1, 64], [3, 64]]
@@ -125,7 +126,7 @@ def test_parity_block_records_all_measures(bert_artifact):
     assert set(held) >= {"max_abs_diff", "mean_abs_diff", "agreement", "pytorch", "onnx", "delta_accuracy_points", "delta_macro_f1_points"}
     assert held["pytorch"]["accuracy"] == held["onnx"]["accuracy"]
     assert p["gates"] == {"max_abs_diff": 1e-4}
-    assert manifest(bert_artifact)["variants"]["int8"]["parity"]["gates"] == {"min_agreement": 0.995, "max_accuracy_drop_points": 1.0}
+    assert read_manifest(bert_artifact)["variants"]["int8"]["parity"]["gates"] == {"min_agreement": 0.995, "max_accuracy_drop_points": 1.0}
 
 
 def test_bert_onnx_matches_pytorch_at_three_shapes(bert_artifact, bert_ckpt):
@@ -138,13 +139,13 @@ def test_bert_onnx_matches_pytorch_at_three_shapes(bert_artifact, bert_ckpt):
 def test_export_distilbert_and_roberta(arch, request, tmp_path, capsys):
     ckpt = request.getfixturevalue(f"{arch}_ckpt")
     out = tmp_path / "artifact"
-    rc, stdout, err = run(["export", str(ckpt), "--output", str(out), "--variants", "fp32,int8", *FAST], capsys)
+    rc, stdout, err = run(["export", str(ckpt), "--output", str(out), "--variants", "fp32,int8", *EXPORT_FAST], capsys)
     assert rc == 0, err
     # The architecture's own inputs: no token_type_ids for DistilBERT or RoBERTa.
     names, worst = onnx_vs_pytorch(ckpt, out / "model.onnx")
     assert names == ["input_ids", "attention_mask"]
     assert worst <= 1e-4
-    m = manifest(out)
+    m = read_manifest(out)
     assert m["inputs"] == ["input_ids", "attention_mask"]
     assert list(m["variants"]) == ["fp32", "int8"]
     assert m["variants"]["fp32"]["status"] == "pass"
@@ -178,11 +179,11 @@ def test_gate_fails_on_broken_export(bert_ckpt, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(export_module, "optimize", optimize_then_break)
     out = tmp_path / "broken"
-    rc, stdout, err = run(["export", str(bert_ckpt), "--output", str(out), *FAST], capsys)
+    rc, stdout, err = run(["export", str(bert_ckpt), "--output", str(out), *EXPORT_FAST], capsys)
     assert rc == 1
     assert "fp32 failed the parity gate" in err and "Traceback" not in err
     assert "fail" in stdout  # the table shows it
-    m = manifest(out)
+    m = read_manifest(out)
     fp32 = m["variants"]["fp32"]
     assert fp32["status"] == "fail" and fp32["parity"]["max_abs_diff"] > 1e-4
     assert m["default_variant"]["cpu"] != "fp32" and m["default_variant"]["gpu"] is None
@@ -227,22 +228,22 @@ def test_choose_defaults_rule():
 
 def test_cpu_default_forced(bert_artifact, bert_ckpt, tmp_path, capsys):
     out = tmp_path / "forced"
-    rc, _, err = run(["export", str(bert_ckpt), "--output", str(out), *FAST, "--variants", "fp32,int8", "--cpu-default", "int8"], capsys)
+    rc, _, err = run(["export", str(bert_ckpt), "--output", str(out), *EXPORT_FAST, "--variants", "fp32,int8", "--cpu-default", "int8"], capsys)
     assert rc == 0, err
-    m = manifest(out)
+    m = read_manifest(out)
     assert m["default_variant"]["cpu"] == "int8"
     assert m["default_variant_rule"]["cpu"] == "forced by --cpu-default"
 
 
 def test_existing_output_needs_overwrite(bert_ckpt, tmp_path, capsys):
-    from tests.export.conftest import run_fails
+    from tests.cli import run_fails
 
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    run_fails(["export", str(bert_ckpt), "--output", str(out), *FAST], capsys, "already exists", "--overwrite")
+    run_fails(["export", str(bert_ckpt), "--output", str(out), *EXPORT_FAST], capsys, "already exists", "--overwrite")
     assert (out / "keep.txt").exists()
-    rc, _, err = run(["export", str(bert_ckpt), "--output", str(out), *FAST, "--overwrite"], capsys)
+    rc, _, err = run(["export", str(bert_ckpt), "--output", str(out), *EXPORT_FAST, "--overwrite"], capsys)
     assert rc == 0, err
     assert not (out / "keep.txt").exists() and (out / "ferry.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
@@ -250,27 +251,26 @@ def test_existing_output_needs_overwrite(bert_ckpt, tmp_path, capsys):
 
 def test_plain_hf_directory_without_heldout(tmp_path, capsys):
     """Any HF sequence-classification directory exports; int8 is unverified without labelled data."""
-    from tests import tiny
-    from tests.export.conftest import build_model
+    from tests import fixtures, tiny
 
-    tok = tiny.tokenizer()
-    model = build_model("bert", tok)
+    tok = fixtures.tokenizer()
+    model = fixtures.text_model("bert", tok)
     plain = tmp_path / "plain"
     model.save_pretrained(plain, safe_serialization=True)
     tok.save_pretrained(plain)
     out = tmp_path / "art"
-    rc, stdout, err = run(["export", str(plain), "--output", str(out), "--variants", "fp32,int8", *FAST], capsys)
+    rc, stdout, err = run(["export", str(plain), "--output", str(out), "--variants", "fp32,int8", *EXPORT_FAST], capsys)
     assert rc == 0, err
-    m = manifest(out)
+    m = read_manifest(out)
     assert m["source"]["manifest_sha256"] is None
     assert m["variants"]["fp32"]["status"] == "pass"
     assert m["variants"]["int8"]["status"] == "unverified" and "--data" in m["variants"]["int8"]["parity"]["reason"]
     # With --data the int8 gate has labelled data to judge by.
     data = tiny.write_csv(tmp_path / "data.csv", tiny.texts(5, seed=3))
     out2 = tmp_path / "art2"
-    rc, _, err = run(["export", str(plain), "--output", str(out2), "--variants", "fp32,int8", *FAST, "--data", str(data)], capsys)
+    rc, _, err = run(["export", str(plain), "--output", str(out2), "--variants", "fp32,int8", *EXPORT_FAST, "--data", str(data)], capsys)
     assert rc == 0, err
-    assert manifest(out2)["variants"]["int8"]["parity"]["heldout"]["examples"] == 15
+    assert read_manifest(out2)["variants"]["int8"]["parity"]["heldout"]["examples"] == 15
 
 
 def test_external_data_path(bert_ckpt, tmp_path, capsys, monkeypatch):
@@ -280,9 +280,9 @@ def test_external_data_path(bert_ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # optimum's exporter writes model.onnx_data
     monkeypatch.setattr(quantize, "TWO_GB", 0)  # quantizers write external data too
     out = tmp_path / "big"
-    rc, _, err = run(["export", str(bert_ckpt), "--output", str(out), *FAST, "--variants", "fp32,int8,int8-static"], capsys)
+    rc, _, err = run(["export", str(bert_ckpt), "--output", str(out), *EXPORT_FAST, "--variants", "fp32,int8,int8-static"], capsys)
     assert rc == 0, err
-    m = manifest(out)
+    m = read_manifest(out)
     ext = m["variants"]["fp32"]["external_data"]
     assert ext["file"] == "model.onnx_data" and (out / ext["file"]).stat().st_size == ext["bytes"]
     assert m["variants"]["fp32"]["status"] == "pass"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from tests.export.conftest import FAST, manifest, run
+
+from ferry.files import read_manifest
+from tests.cli import EXPORT_FAST, run
 
 
 def read_texts(path):
@@ -33,12 +35,12 @@ def test_selection_reads_validation_only_and_writes_what_it_chose(bert_ckpt, tmp
     monkeypatch.setattr(fallback, "batches", lambda tok, texts, *a: seen.extend(texts) or batches(tok, texts, *a))
     monkeypatch.setattr(quantize, "ERROR_SAFETY", 1e9)
     out = tmp_path / "art"
-    rc, stdout, err = run(["export", str(bert_ckpt), "--output", str(out), *FAST, "--variants", "fp32,int8-static"], capsys)
+    rc, stdout, err = run(["export", str(bert_ckpt), "--output", str(out), *EXPORT_FAST, "--variants", "fp32,int8-static"], capsys)
     assert rc == 0, err
     validation, heldout = read_texts(bert_ckpt / "validation.jsonl"), read_texts(bert_ckpt / "heldout.jsonl")
     assert seen and set(seen) <= set(fallback.selection_texts(validation))
     assert not set(seen) & (set(heldout) - set(validation))
-    q = manifest(out)["variants"]["int8-static"]["quantization"]
+    q = read_manifest(out)["variants"]["int8-static"]["quantization"]
     sel = q["fp32_matmuls_selection"]
     assert sel["on"].startswith(str(bert_ckpt / "validation.jsonl"))
     assert [t["fp32_matmuls"] for t in sel["tried"]] == [0, 2, 4, 8, 12] and not sel["reached_gate"]
@@ -60,9 +62,9 @@ def test_without_validation_every_matmul_is_quantized(bert_ckpt, tmp_path, capsy
     shutil.copytree(bert_ckpt, old)
     (old / "validation.jsonl").unlink()
     out = tmp_path / "art"
-    rc, _, err = run(["export", str(old), "--output", str(out), *FAST, "--variants", "fp32,int8-static"], capsys)
+    rc, _, err = run(["export", str(old), "--output", str(out), *EXPORT_FAST, "--variants", "fp32,int8-static"], capsys)
     assert rc == 0, err
-    q = manifest(out)["variants"]["int8-static"]["quantization"]
+    q = read_manifest(out)["variants"]["int8-static"]["quantization"]
     assert q["fp32_matmuls"] == [] and q["quantized_nodes"] == 12
     assert q["fp32_matmuls_selection"]["on"] is None and "no validation.jsonl" in q["fp32_matmuls_selection"]["note"]
     int8, fp32 = quantized_and_fp32_matmuls(out / "model_int8_static.onnx")
@@ -70,7 +72,7 @@ def test_without_validation_every_matmul_is_quantized(bert_ckpt, tmp_path, capsy
 
 
 def test_default_export_records_the_selection(bert_artifact):
-    q = manifest(bert_artifact)["variants"]["int8-static"]["quantization"]
+    q = read_manifest(bert_artifact)["variants"]["int8-static"]["quantization"]
     sel = q["fp32_matmuls_selection"]
     assert sel["tried"][0]["fp32_matmuls"] == 0 and sel["chosen"] in [t["fp32_matmuls"] for t in sel["tried"]]
     assert sel["gate"]["agreement"] == 0.995

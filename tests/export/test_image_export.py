@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ferry.cli import main
-from tests import images
-from tests.export.conftest import manifest, run, run_fails
+from ferry.files import read_manifest
+from ferry.tasks import IMAGE_TASK
+from tests import fixtures, tiny
+from tests.cli import run, run_fails
 
 FAST = ["--quiet", "--threads", "1", "--parity-batch-sizes", "1,3"]
 
@@ -18,9 +21,8 @@ FAST = ["--quiet", "--threads", "1", "--parity-batch-sizes", "1,3"]
 @pytest.fixture(scope="module", params=["resnet", "vit"])
 def exported(request, tmp_path_factory) -> tuple[str, Path, Path]:
     """(architecture, checkpoint, artifact with fp32, int8 and int8-static)."""
-    root = tmp_path_factory.mktemp(f"img-{request.param}")
-    ckpt = images.make_checkpoint(root / "ckpt", request.param)
-    out = root / "artifact"
+    ckpt = request.getfixturevalue(f"{request.param}_ckpt")
+    out = tmp_path_factory.mktemp(f"img-{request.param}") / "artifact"
     assert main(["export", str(ckpt), "--output", str(out), "--variants", "fp32,int8,int8-static,fp16", *FAST]) == 0
     return request.param, ckpt, out
 
@@ -37,16 +39,16 @@ def test_artifact_files_and_manifest(exported):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["model.onnx", "model_int8.onnx", "model_int8_static.onnx", "model_fp16.onnx",
                             "config.json", "preprocessor_config.json", "ferry.json"])
-    m = manifest(out)
-    assert m["task"] == "image-classification"
+    m = read_manifest(out)
+    assert m["task"] == IMAGE_TASK
     assert m["inputs"] == ["pixel_values"] and m["outputs"] == ["logits"]
-    assert m["image_size"] == {"height": images.SIZE, "width": images.SIZE}
+    assert m["image_size"] == {"height": fixtures.IMAGE_SIZE, "width": fixtures.IMAGE_SIZE}
     assert m["exporter"].startswith("torch.onnx.export")
-    assert m["labels"] == images.LABELS
+    assert m["labels"] == tiny.IMAGE_LABELS
     assert (out / "preprocessor_config.json").read_bytes() == (ckpt / "preprocessor_config.json").read_bytes()
     v = m["variants"]
     assert v["fp32"]["status"] == "pass" and v["fp32"]["parity"]["max_abs_diff"] <= 1e-4
-    assert v["fp32"]["parity"]["random"]["cases"] == [[1, 3, images.SIZE, images.SIZE], [3, 3, images.SIZE, images.SIZE]]
+    assert v["fp32"]["parity"]["random"]["cases"] == [[1, 3, fixtures.IMAGE_SIZE, fixtures.IMAGE_SIZE], [3, 3, fixtures.IMAGE_SIZE, fixtures.IMAGE_SIZE]]
     held = v["fp32"]["parity"]["heldout"]
     n_held = sum(1 for f in (ckpt / "heldout").rglob("*") if f.is_file())
     assert n_held >= 3 and held["examples"] == n_held and held["agreement"] == 1.0
@@ -100,14 +102,15 @@ def test_parity_rechecks_the_artifact(exported, capsys, tmp_path):
     assert "int8-static" in stdout and "max|Δlogit|" in stdout
 
 
-def test_export_refuses_bad_image_checkpoints(tmp_path, capsys):
-    ckpt = images.make_checkpoint(tmp_path / "ckpt", "resnet")
+def test_export_refuses_bad_image_checkpoints(resnet_ckpt, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(resnet_ckpt, ckpt)
     (ckpt / "calibration" / "red" / "notes.txt").write_text("x")
     run_fails(["export", str(ckpt), "--output", str(tmp_path / "a"), "--variants", "fp32,int8-static", *FAST], capsys,
               "notes.txt", "not an image file")
     (ckpt / "calibration" / "red" / "notes.txt").unlink()
     (ckpt / "heldout" / "cat").mkdir()
-    images.picture("red", 0).save(ckpt / "heldout" / "cat" / "0.png")
+    tiny.image("red", seed=0).save(ckpt / "heldout" / "cat" / "0.png")
     run_fails(["export", str(ckpt), "--output", str(tmp_path / "b"), *FAST], capsys, "'cat'", "not one of the model's labels")
     (ckpt / "heldout" / "cat" / "0.png").write_bytes(b"not a png")
     (ckpt / "heldout" / "cat" / "0.png").rename(ckpt / "heldout" / "red" / "bad.png")
@@ -125,14 +128,14 @@ def test_bench_times_pytorch_and_each_variant_on_images(exported, tmp_path, caps
     assert rc == 0
     results = json.loads((report / "bench.json").read_text())["results"]
     cells = sorted((r["engine"], r["batch_size"], r["seq_length"]) for r in results)
-    size = f"{images.SIZE}x{images.SIZE}"
+    size = f"{fixtures.IMAGE_SIZE}x{fixtures.IMAGE_SIZE}"
     from runtime.hardware import read_cpu
 
     pytorch = ("pytorch-fp32-cpu", "pytorch-bf16-cpu") if read_cpu().has("bf16") else ("pytorch-fp32-cpu",)
     assert cells == sorted((e, b, size) for e in (*pytorch, "onnx-fp32-cpu", "onnx-int8-static-cpu") for b in (1, 4))
     assert all(r["sequences_per_s"] > 0 for r in results)
     run_fails(["bench", str(out), "--output", str(tmp_path / "b2"), "--texts", str(ckpt / "heldout")], capsys,
-              "--texts", "image-classification artifact")
+              "--texts", f"{IMAGE_TASK} artifact")
 
 
 @pytest.mark.parametrize("agreements,n_convs,want_k,want_tried", [

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ferry.files import read_manifest
 from runtime.engines import cuda_usable, gpu_present
-from tests import tiny
-from tests.export.conftest import FAST, manifest, run
+from tests import fixtures, tiny
 from tests.artifacts import write_manifest
+from tests.cli import run
 
 
 def test_parity_command_checks_every_variant(bert_artifact, tmp_path, capsys):
@@ -116,7 +116,7 @@ def test_random_inputs_are_right_padded_with_varied_lengths():
     from export.inputs import random_ids
     from runtime.tokens import collate
 
-    tok = tiny.tokenizer()
+    tok = fixtures.tokenizer()
     rng = np.random.default_rng(0)
     ids = random_ids(tok, len(tok), 6, 20, rng)
     feeds = collate(ids, tok.pad_token_id, ["input_ids", "attention_mask", "token_type_ids"])
@@ -145,6 +145,6 @@ def test_fp16_passes_its_gate_on_a_real_gpu(bert_artifact):
     """On a machine with a usable CUDA provider, ferry export verifies fp16 there (not 'unverified')."""
     if not cuda_usable():
         pytest.skip("needs a CUDA GPU")
-    fp16 = manifest(bert_artifact)["variants"]["fp16"]
+    fp16 = read_manifest(bert_artifact)["variants"]["fp16"]
     assert fp16["status"] == "pass", fp16["parity"]
     assert fp16["parity"]["max_abs_diff"] <= 1e-2

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from tests.export.conftest import run, run_fails
+from tests.cli import run, run_fails
 
 
 def write_config(path, **sections):
@@ -70,17 +70,14 @@ def test_pipeline_section_must_be_a_mapping(tmp_path, capsys):
     run_fails(["pipeline", "--config", str(cfg)], capsys, "export", "mapping")
 
 
-def test_pipeline_on_an_image_checkpoint(tmp_path, capsys):
-    from tests.images import make_checkpoint
-
-    ckpt = make_checkpoint(tmp_path / "img", "resnet")
+def test_pipeline_on_an_image_checkpoint(tmp_path, capsys, resnet_ckpt):
     cfg = write_config(
         tmp_path / "pipeline.yaml",
         output=str(tmp_path / "run"),
         export={"variants": ["fp32"], "threads": 1, "quiet": True, "parity_batch_sizes": [1, 2]},
         bench={"batch_sizes": [1, 4], "max_seconds": 0.2, "window_seconds": 0.01, "warmup": 1, "threads": 1, "quiet": True},
     )
-    rc, out, err = run(["pipeline", "--config", str(cfg), "--checkpoint", str(ckpt)], capsys)
+    rc, out, err = run(["pipeline", "--config", str(cfg), "--checkpoint", str(resnet_ckpt)], capsys)
     assert rc == 0, err
     summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     size = json.loads((tmp_path / "run" / "artifact" / "ferry.json").read_text())["image_size"]["height"]

@@ -8,8 +8,10 @@ import os
 import pytest
 
 from ferry.cli import main
-from tests import tiny
-from tests.finetune.conftest import finetune_argv, read_jsonl, run_fails, run_ok
+from ferry.tasks import IMAGE_TASK
+from tests import fixtures, tiny
+from tests.artifacts import read_jsonl
+from tests.cli import finetune_argv, run_fails, run_ok
 
 
 def test_missing_file(tmp_path, tiny_bert, capsys):
@@ -308,17 +310,17 @@ def test_pth_that_is_not_a_state_dict(tmp_path, capsys, content):
     images = tiny.image_folder(tmp_path / "images", per_class=4)
     pth = tmp_path / "lite0.pth"
     torch.save(torch.zeros(3) if isinstance(content, str) else content, pth)
-    run_fails(["finetune", "--task", "image-classification", "--model", str(pth), "--train", str(images),
+    run_fails(["finetune", "--task", IMAGE_TASK, "--model", str(pth), "--train", str(images),
                "--output", str(tmp_path / "c"), "--quiet"], capsys,
               f"{pth}: not a state_dict (a dict of tensor names to tensors)")
 
 
 @pytest.mark.parametrize("text", ["[1]", '{"image_mean": ' + "9" * 5000 + "}", '{"image_mean": "grey"}'])
 def test_base_image_model_with_a_malformed_preprocessor_config(tmp_path, capsys, text):
-    base = tiny.image_model(tmp_path / "base", "resnet")
+    base = fixtures.image_model(tmp_path / "base", "resnet")
     (base / "preprocessor_config.json").write_text(text)
     images = tiny.image_folder(tmp_path / "images", per_class=4)
-    run_fails(["finetune", "--task", "image-classification", "--model", str(base), "--train", str(images),
+    run_fails(["finetune", "--task", IMAGE_TASK, "--model", str(base), "--train", str(images),
                "--output", str(tmp_path / "c"), "--quiet"], capsys, str(base / "preprocessor_config.json"))
 
 

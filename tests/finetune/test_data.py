@@ -12,7 +12,7 @@ import pytest
 from ferry.errors import DataError
 from ferry.files import read_manifest
 from finetune.data import load_labelled, stratified_split
-from tests.finetune.conftest import finetune_argv, run_ok
+from tests.cli import finetune_argv, run_ok
 
 
 def write(path: Path, rows: list[tuple[str, object]], fmt: str) -> Path:

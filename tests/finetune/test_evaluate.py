@@ -8,7 +8,7 @@ import numpy as np
 
 from ferry.files import read_manifest
 from tests import tiny
-from tests.finetune.conftest import run_fails, run_ok
+from tests.cli import run_fails, run_ok
 
 
 def test_evaluate_on_the_heldout_file_matches_training_metrics(trained, tmp_path, capsys):

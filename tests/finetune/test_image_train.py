@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from ferry.cli import main
+from ferry.tasks import IMAGE_TASK
 from finetune import checkpoint as ck
 from finetune.images import read_image_folder
-from tests import tiny
-from tests.finetune.conftest import run_fails, run_ok
+from tests import fixtures, tiny
+from tests.cli import run_fails, run_ok
 
-FAST = ["--task", "image-classification", "--epochs", "2", "--batch-size", "8", "--learning-rate", "1e-2",
+FAST = ["--task", IMAGE_TASK, "--epochs", "2", "--batch-size", "8", "--learning-rate", "1e-2",
         "--image-size", "32", "--calibration-samples", "4", "--patience", "0", "--quiet"]
 
 
@@ -26,7 +27,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bases")
-    return {arch: tiny.image_model(root / arch, arch) for arch in ("effnet", "resnet", "vit")}
+    return {arch: fixtures.image_model(root / arch, arch) for arch in ("effnet", "resnet", "vit")}
 
 
 def finetune(base: Path, train: Path | str, out: Path, *extra: str) -> list[str]:
@@ -48,7 +49,7 @@ def test_image_finetune_freeze_modes(tmp_path, data, bases, arch, freeze, capsys
     c = ck.check_valid_checkpoint_dir(out)
     assert c.task == ck.IMAGE and c.image_size == 32 and c.labels == ["blue", "green", "red"]
     manifest = json.loads((out / "ferry.json").read_text())
-    assert manifest["task"] == "image-classification" and manifest["settings"]["image_size"] == 32
+    assert manifest["task"] == IMAGE_TASK and manifest["settings"]["image_size"] == 32
     assert len(read_image_folder(c.heldout)[0]) == manifest["split"]["sizes"]["test"]
     assert len(read_image_folder(c.validation)[0]) == manifest["split"]["sizes"]["validation"]
     assert len(read_image_folder(c.calibration)[0]) == 4

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from ferry.errors import CheckpointError, DataError
+from ferry.tasks import IMAGE_TASK
 from finetune import checkpoint as ck
 from finetune import images
 from runtime import pixels
-from tests import tiny
+from tests import fixtures, tiny
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +95,10 @@ def test_image_labels_that_are_not_folder_names_are_refused(tmp_path, folder, la
 
 # --- open_image -------------------------------------------------------------------------------------
 
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_open_image_rejects_bad_files(tmp_path):
     with pytest.raises(DataError, match="up.txt: not an image"):
         pixels.open_image(b"plain text", "up.txt")
-    data = png_bytes(tiny.image("red", 64))
+    data = tiny.png_bytes(tiny.image("red", 64))
     with pytest.raises(DataError, match="cut.png: cannot (decode|open)"):
         pixels.open_image(data[: len(data) // 2], "cut.png")
     with pytest.raises(DataError, match="big.png: 64x64 = 4096 pixels, more than the limit of 1000"):
@@ -112,17 +107,17 @@ def test_open_image_rejects_bad_files(tmp_path):
 
 def test_open_image_converts_modes_to_rgb():
     gray = Image.new("L", (2, 1), 100)
-    assert pixels.open_image(png_bytes(gray), "g").getpixel((0, 0)) == (100, 100, 100)
+    assert pixels.open_image(tiny.png_bytes(gray), "g").getpixel((0, 0)) == (100, 100, 100)
     rgba = Image.new("RGBA", (1, 1), (0, 0, 0, 0))  # fully transparent black -> white
-    assert pixels.open_image(png_bytes(rgba), "a").getpixel((0, 0)) == (255, 255, 255)
+    assert pixels.open_image(tiny.png_bytes(rgba), "a").getpixel((0, 0)) == (255, 255, 255)
     half = Image.new("RGBA", (1, 1), (0, 0, 0, 128))
-    assert pixels.open_image(png_bytes(half), "h").getpixel((0, 0)) == (127, 127, 127)
+    assert pixels.open_image(tiny.png_bytes(half), "h").getpixel((0, 0)) == (127, 127, 127)
     g16 = Image.fromarray(np.array([[65535, 257 * 10]], dtype=np.uint16))
     assert g16.mode.startswith("I")
-    out = pixels.open_image(png_bytes(g16), "w")
+    out = pixels.open_image(tiny.png_bytes(g16), "w")
     assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (10, 10, 10)
     pal = Image.new("RGB", (1, 1), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
-    assert pixels.open_image(png_bytes(pal), "p").getpixel((0, 0)) == (10, 200, 30)
+    assert pixels.open_image(tiny.png_bytes(pal), "p").getpixel((0, 0)) == (10, 200, 30)
     buf = io.BytesIO()
     Image.new("CMYK", (1, 1), (0, 0, 0, 0)).save(buf, format="JPEG")
     assert pixels.open_image(buf.getvalue(), "c").getpixel((0, 0))[0] > 240
@@ -191,7 +186,7 @@ def test_lite0_pretrained_weights_load_key_for_key():
     load_lukemelas_weights(ten, LITE0_WEIGHTS)
     assert torch.equal(ten._conv_stem.weight, state["_conv_stem.weight"])
     with pytest.raises(CheckpointError, match="do not match"):
-        load_lukemelas_weights(EfficientNetLiteForImageClassification(tiny.tiny_effnet_config()), LITE0_WEIGHTS)
+        load_lukemelas_weights(EfficientNetLiteForImageClassification(fixtures.effnet_config()), LITE0_WEIGHTS)
 
 
 def test_same_padding_is_tf_same():
@@ -211,7 +206,7 @@ def test_effnet_auto_classes_roundtrip_and_onnx(tmp_path):
     from finetune.efficientnet_lite import register
 
     register()
-    path = tiny.image_model(tmp_path / "m", "effnet")
+    path = fixtures.image_model(tmp_path / "m", "effnet")
     model = AutoModelForImageClassification.from_pretrained(path).eval()
     assert type(model).__name__ == "EfficientNetLiteForImageClassification"
     x = torch.randn(3, 3, 32, 32)
@@ -242,7 +237,7 @@ def write_image_checkpoint(tmp_path: Path, folder: Path) -> Path:
 
     register()
     model = AutoModelForImageClassification.from_pretrained(
-        tiny.image_model(tmp_path / "base", "effnet"), num_labels=3, ignore_mismatched_sizes=True,
+        fixtures.image_model(tmp_path / "base", "effnet"), num_labels=3, ignore_mismatched_sizes=True,
         id2label={0: "blue", 1: "green", 2: "red"}, label2id={"blue": 0, "green": 1, "red": 2},
     )
     model.config.architectures = [type(model).__name__]
@@ -264,7 +259,7 @@ def test_image_checkpoint_roundtrip(tmp_path, folder):
     assert c.task == ck.IMAGE and c.image_size == 32 and c.labels == ["blue", "green", "red"]
     assert c.heldout == out / "heldout" and sorted(p.name for p in c.heldout.iterdir()) == ["blue", "green", "red"]
     assert len(images.read_image_folder(c.heldout)[0]) == 3 and len(images.read_image_folder(c.calibration)[0]) == 2
-    assert json.loads((out / "ferry.json").read_text())["task"] == "image-classification"
+    assert json.loads((out / "ferry.json").read_text())["task"] == IMAGE_TASK
     model = ck.load_model(c)
     assert type(model).__name__ == "EfficientNetLiteForImageClassification"
     # A plain HF image directory (no ferry.json) is an image checkpoint by its architecture.

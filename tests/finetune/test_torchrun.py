@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ferry.files import read_manifest
-from tests.finetune.conftest import finetune_argv, read_jsonl
+from tests.artifacts import read_jsonl
+from tests.cli import finetune_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,8 @@ from ferry.errors import CheckpointError
 from ferry.files import read_manifest, sha256_file
 from finetune import train as train_mod
 from finetune.checkpoint import check_valid_checkpoint_dir
-from tests.finetune.conftest import finetune_argv, read_jsonl, run_fails, run_ok
+from tests.artifacts import read_jsonl
+from tests.cli import finetune_argv, run_fails, run_ok
 
 CHECKPOINT_FILES = {
     "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -374,9 +375,9 @@ def test_freeze_all_trains_the_head_on_features_computed_once(tmp_path, train_cs
     """--freeze all runs the frozen base once; with dropout off everywhere (so the base's
     train and eval modes agree) the head ends where the full forward every batch leads it."""
     from finetune import featurecache
-    from tests import tiny
+    from tests.fixtures import base_model
 
-    model = tiny.base_model(tmp_path / "base", arch)
+    model = base_model(tmp_path / "base", arch)
     config = json.loads((model / "config.json").read_text())
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout", "seq_classif_dropout"):
         if key in config:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ferry.cli import main
-from tests.serve.conftest import ROOT, free_port, server_env
+from tests.server import ROOT, free_port, server_env
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,7 @@ from runtime.artifact import check_valid_artifact_dir
 from runtime.engines import EngineUnavailable
 from runtime.hardware import Cpu
 from runtime.predictor import Runtime
-from tests.serve.conftest import copy_artifact
-from tests.artifacts import write_manifest
+from tests.artifacts import copy_artifact, write_manifest
 
 AVX2 = Cpu("AMD EPYC", "x86_64", frozenset({"avx2"}))
 AMX = Cpu("Intel Xeon", "x86_64", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"}))

@@ -9,15 +9,15 @@ import pytest
 
 from ferry.cli import main
 from tests import tiny
-from tests.export.conftest import make_checkpoint, member_probs
-from tests.serve.conftest import Server
+from tests.fixtures import member_probs, text_checkpoint
+from tests.server import Server
 
 pytestmark = pytest.mark.slow
 
 
-def test_served_ensemble_equals_the_mean_of_member_probabilities(tmp_path_factory, bentoml_home):
+def test_served_ensemble_equals_the_mean_of_member_probabilities(tmp_path_factory, bentoml_home, bert_ckpt):
     root = tmp_path_factory.mktemp("served-ensemble")
-    members = [make_checkpoint(root / "a", "bert", seed=0), make_checkpoint(root / "b", "distilbert", seed=1)]
+    members = [bert_ckpt, text_checkpoint(root / "b", "distilbert", seed=1)]
     artifact = root / "artifact"
     assert main(["export", "--ensemble", *map(str, members), "--output", str(artifact), "--variants", "fp32", "--quiet"]) == 0
     texts = [t for t, _ in tiny.texts(4, seed=21)]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ferry.files import sha256_file
-from tests.serve.conftest import Server
 from tests.artifacts import write_manifest
+from tests.server import Server
 
 pytestmark = pytest.mark.slow
 

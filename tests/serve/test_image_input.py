@@ -16,7 +16,7 @@ from ferry.errors import DataError
 from runtime import pixels
 from serve.body import RequestError as ImageRequestError
 from serve.http import decode, parse_json
-from tests import images
+from tests import tiny
 
 PROCESSOR = pixels.processor_dict(8, [0.5] * 3, [0.5] * 3)
 
@@ -90,7 +90,7 @@ def test_eps_is_refused_before_ghostscript_runs(monkeypatch):
 
 # --- base64 as `base64 FILE` prints it ------------------------------------------------------------------
 def test_base64_wrapped_at_76_columns_is_accepted():
-    raw = images.png_bytes(images.picture("red", 1, size=40))
+    raw = tiny.png_bytes(tiny.image("red", seed=1, size=40))
     wrapped = base64.encodebytes(raw).decode()  # 76 columns and a newline, like `base64 FILE`
     assert "\n" in wrapped.strip()
     for text in (wrapped, wrapped.replace("\n", "\r\n"), "  " + wrapped.replace("\n", " \t\n")):

@@ -10,19 +10,18 @@ import numpy as np
 import pytest
 
 from ferry.cli import main
-from tests import images
-from tests.serve.conftest import Server, raw_post
+from ferry.tasks import IMAGE_TASK
+from tests import fixtures, tiny
+from tests.server import Server, raw_post
 from tests.serve.test_image_input import EPS, png_claiming
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def image_artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-image")
-    ckpt = images.make_checkpoint(root / "ckpt", "resnet")
-    out = root / "artifact"
-    assert main(["export", str(ckpt), "--output", str(out), "--variants", "fp32,fp16", "--quiet", "--threads", "1"]) == 0
+def image_artifact(tmp_path_factory, resnet_ckpt):
+    out = tmp_path_factory.mktemp("serve-image") / "artifact"
+    assert main(["export", str(resnet_ckpt), "--output", str(out), "--variants", "fp32,fp16", "--quiet", "--threads", "1"]) == 0
     return out
 
 
@@ -45,11 +44,11 @@ def offline_labels(artifact, pictures) -> list[str]:
     pixels = processor(images=[p.convert("RGB") for p in pictures], return_tensors="np")["pixel_values"].astype(np.float32)
     session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = session.run(["logits"], {"pixel_values": pixels})[0]
-    return [images.LABELS[i] for i in logits.argmax(-1)]
+    return [tiny.IMAGE_LABELS[i] for i in logits.argmax(-1)]
 
 
 def pictures():
-    return [images.picture(label, 500 + i) for i, label in enumerate(images.LABELS)] + [images.picture("red", 9, mode="L")]
+    return [tiny.image(label, seed=500 + i) for i, label in enumerate(tiny.IMAGE_LABELS)] + [tiny.image("red", seed=9, mode="L")]
 
 
 def classify(url: str, **kw) -> httpx.Response:
@@ -60,13 +59,13 @@ def test_multipart_and_base64_agree_with_offline_onnx(server, image_artifact):
     pics = pictures()
     want = offline_labels(image_artifact, pics)
     assert len(set(want[:3])) == 3  # the tiny CNN tells the three colours apart
-    files = [("images", (f"{i}.png", images.png_bytes(p), "image/png")) for i, p in enumerate(pics)]
+    files = [("images", (f"{i}.png", tiny.png_bytes(p), "image/png")) for i, p in enumerate(pics)]
     r = classify(server.url, files=files, data={"return_all_scores": "true"})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["label"] for x in results] == want
     assert all(abs(sum(x["scores"].values()) - 1) < 1e-5 and x["score"] == max(x["scores"].values()) for x in results)
-    b64 = [base64.b64encode(images.png_bytes(p, "JPEG" if i == 0 else "PNG")).decode() for i, p in enumerate(pics)]
+    b64 = [base64.b64encode(tiny.png_bytes(p, "JPEG" if i == 0 else "PNG")).decode() for i, p in enumerate(pics)]
     r = classify(server.url, json={"images": b64})
     assert r.status_code == 200, r.text
     got = r.json()["results"]
@@ -75,8 +74,8 @@ def test_multipart_and_base64_agree_with_offline_onnx(server, image_artifact):
 
 def test_info_reports_the_task(server):
     body = httpx.get(server.url + "/info", timeout=10).json()
-    assert body["model"]["task"] == "image-classification"
-    assert body["image_size"] == {"height": images.SIZE, "width": images.SIZE}
+    assert body["model"]["task"] == IMAGE_TASK
+    assert body["image_size"] == {"height": fixtures.IMAGE_SIZE, "width": fixtures.IMAGE_SIZE}
 
 
 @pytest.mark.parametrize("kw, status, needle", [
@@ -102,16 +101,16 @@ def test_bad_payloads_are_4xx(server, kw, status, needle):
 
 
 def test_limits_are_413(server):
-    png = images.png_bytes(images.picture("red", 1))
+    png = tiny.png_bytes(tiny.image("red", seed=1))
     r = classify(server.url, files=[("images", (f"{i}.png", png, "image/png")) for i in range(5)])
     assert r.status_code == 413 and "limit of 4" in r.json()["error"]
     from PIL import Image
 
-    big = images.png_bytes(Image.new("RGB", (200, 100), "red"))  # 20000 pixels > 10000, a few hundred bytes
+    big = tiny.png_bytes(Image.new("RGB", (200, 100), "red"))  # 20000 pixels > 10000, a few hundred bytes
     r = classify(server.url, json={"images": [base64.b64encode(big).decode()]})
     assert r.status_code == 413 and "pixels" in r.json()["error"], r.text
     noise = np.random.default_rng(0).integers(0, 255, (100, 90, 3)).astype("uint8")  # 9000 pixels, > 20000 bytes
-    heavy = images.png_bytes(Image.fromarray(noise))
+    heavy = tiny.png_bytes(Image.fromarray(noise))
     assert len(heavy) > 20000
     r = classify(server.url, files=[("images", ("n.png", heavy, "image/png"))])
     assert r.status_code == 413 and "bytes" in r.json()["error"], r.text
@@ -119,7 +118,7 @@ def test_limits_are_413(server):
 
 def test_base64_as_the_base64_command_prints_it(server):
     """`base64 FILE` wraps at 76 columns; the newlines are not part of the data."""
-    png = images.png_bytes(images.picture("green", 3, size=40))
+    png = tiny.png_bytes(tiny.image("green", seed=3, size=40))
     flat = classify(server.url, json={"images": [base64.b64encode(png).decode()]})
     wrapped = base64.encodebytes(png).decode()
     assert wrapped.count("\n") > 1
@@ -138,7 +137,7 @@ def test_the_image_body_cap_is_what_the_images_need(server):
     chunks = [b'{"images": ["' + b"A" * 16_384] + [b"A" * 16_384] * 200  # 3.3 MB if it were all read
     status, _, body = raw_post(server.port, "/classify-image", {"content-type": "application/json"}, chunks, chunked=True)
     assert status == 413 and f"limit of {cap} bytes" in json.loads(body)["error"]
-    assert classify(server.url, json={"images": [base64.b64encode(images.png_bytes(images.picture("red", 1))).decode()]}).status_code == 200
+    assert classify(server.url, json={"images": [base64.b64encode(tiny.png_bytes(tiny.image("red", seed=1))).decode()]}).status_code == 200
 
 
 RSS_BOUND = 32 * 2**20  # growth of the server's process tree over a fuzz run (measured: 4-5 MiB over 5,000 cases)
@@ -149,7 +148,7 @@ def test_fuzz_classify_image_never_5xx_and_memory_stays_bounded(server):
     bytes and broken headers of every accepted format as images, base64 and multipart both."""
     from tests.serve import fuzz
 
-    png = images.png_bytes(images.picture("red", 2))
+    png = tiny.png_bytes(tiny.image("red", seed=2))
     url = server.url + "/classify-image"
     fuzz.run_fuzz(url, fuzz.image_cases(1, png), 50)
     before = fuzz.process_tree_rss(server.proc.pid)
@@ -158,7 +157,7 @@ def test_fuzz_classify_image_never_5xx_and_memory_stays_bounded(server):
     print(f"fuzz: {out['statuses']}, RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
     assert out["failures"] == [], (out["failures"][:10], out["statuses"])
     r = classify(server.url, files=[("images", ("ok.png", png, "image/png"))])
-    assert r.status_code == 200 and r.json()["results"][0]["label"] in images.LABELS
+    assert r.status_code == 200 and r.json()["results"][0]["label"] in tiny.IMAGE_LABELS
     assert after - before < RSS_BOUND, f"RSS grew by {(after - before) / 2**20:.0f} MiB over the fuzz run"
 
 
@@ -176,7 +175,7 @@ def test_store_registers_an_image_artifact(image_artifact, bentoml_home, capsys)
     stored = bentoml_home / "models" / name / version
     assert (stored / "preprocessor_config.json").read_bytes() == (image_artifact / "preprocessor_config.json").read_bytes()
     meta = yaml.safe_load((stored / "model.yaml").read_text())["metadata"]
-    assert meta["task"] == "image-classification" and meta["labels"] == images.LABELS and meta["image_size"] == {"height": images.SIZE, "width": images.SIZE}
+    assert meta["task"] == IMAGE_TASK and meta["labels"] == tiny.IMAGE_LABELS and meta["image_size"] == {"height": fixtures.IMAGE_SIZE, "width": fixtures.IMAGE_SIZE}
     assert "max_length" not in meta
     assert meta["variants"]["fp16"] == {"precision": "fp16", "status": "unverified"}  # batch invariance unmeasured: absent
 

@@ -18,8 +18,8 @@ from runtime import engines as engines_module
 from runtime.predictor import Runtime, TextInputs, resolve_device
 from runtime.tokens import length_groups
 from serve.settings import ServeSettings, worker_split
-from tests.serve.conftest import ROOT, copy_artifact
-from tests.artifacts import write_manifest
+from tests.artifacts import copy_artifact, write_manifest
+from tests.server import ROOT
 
 TEXTS = [
     "pizza",
@@ -350,12 +350,12 @@ def test_real_cuda_serves_fp16_through_io_binding(tmp_path):
     IO binding, and answers like the fp32 graph on CPU (labels equal, probabilities close)."""
     from runtime.engines import cuda_usable
     from ferry.cli import main
-    from tests.serve.conftest import trained_checkpoint
+    from tests.fixtures import text_checkpoint
 
     if not cuda_usable():
         pytest.skip("needs a CUDA GPU")
     art = tmp_path / "artifact"
-    assert main(["export", str(trained_checkpoint(tmp_path / "ckpt")), "--output", str(art),
+    assert main(["export", str(text_checkpoint(tmp_path / "ckpt")), "--output", str(art),
                  "--variants", "fp32,fp16", "--quiet"]) == 0
     assert json.loads((art / "ferry.json").read_text())["variants"]["fp16"]["status"] == "pass"
     rt = Runtime(art)

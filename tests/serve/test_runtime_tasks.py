@@ -14,24 +14,21 @@ from ferry.tasks import IMAGE
 from runtime import pixels
 from runtime.predictor import ImageInputs, Runtime, check_startup
 from runtime.tokens import collate
-from tests import images
-from tests.artifacts import write_manifest
-from tests.serve.conftest import copy_artifact
+from tests import fixtures, tiny
+from tests.artifacts import copy_artifact, write_manifest
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def image_artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runtime-image")
-    ckpt = images.make_checkpoint(root / "ckpt", "resnet")
-    out = root / "artifact"
-    assert main(["export", str(ckpt), "--output", str(out), "--variants", "fp32", "--quiet", "--threads", "1"]) == 0
+def image_artifact(tmp_path_factory, resnet_ckpt):
+    out = tmp_path_factory.mktemp("runtime-image") / "artifact"
+    assert main(["export", str(resnet_ckpt), "--output", str(out), "--variants", "fp32", "--quiet", "--threads", "1"]) == 0
     return out
 
 
 def batch_of(rt: Runtime, n: int) -> np.ndarray:
-    pics = [images.picture(images.LABELS[i % len(images.LABELS)], 700 + i) for i in range(n)]
+    pics = [tiny.image(tiny.IMAGE_LABELS[i % len(tiny.IMAGE_LABELS)], seed=700 + i) for i in range(n)]
     return pixels.preprocess(pics, rt.inputs.processor)
 
 
@@ -50,7 +47,7 @@ def test_an_image_artifact_is_served_by_the_same_runtime(image_artifact):
     assert [o["label"] for o in out] == [rt.labels[int(i)] for i in batch.probs.argmax(1)]
     assert out[0].keys() == {"label", "score", "scores"}  # no "truncated" for an image
     info = rt.info()
-    assert info["image_size"] == {"height": images.SIZE, "width": images.SIZE} and "max_length" not in info
+    assert info["image_size"] == {"height": fixtures.IMAGE_SIZE, "width": fixtures.IMAGE_SIZE} and "max_length" not in info
     assert info["variant"] == rt.variant.name and info["ready"] is False and rt.describe().startswith(f"serving {image_artifact}")
     rt.warm_up()
     assert rt.ready
@@ -92,14 +89,14 @@ def test_collate_pads_right_and_builds_the_inputs_asked_for():
 
 
 def test_load_pixels_equals_preprocess_in_chunks(tmp_path):
-    processor = pixels.processor_dict(images.SIZE, [0.5] * 3, [0.25] * 3)
+    processor = pixels.processor_dict(fixtures.IMAGE_SIZE, [0.5] * 3, [0.25] * 3)
     paths = []
     for i in range(5):
         paths.append(tmp_path / f"{i}.png")
-        paths[-1].write_bytes(images.png_bytes(images.picture(images.LABELS[i % len(images.LABELS)], i)))
+        paths[-1].write_bytes(tiny.png_bytes(tiny.image(tiny.IMAGE_LABELS[i % len(tiny.IMAGE_LABELS)], seed=i)))
     whole = pixels.preprocess([pixels.open_image(p, str(p)) for p in paths], processor)
     assert np.array_equal(pixels.load_pixels(paths, processor, chunk=2), whole)
-    assert pixels.load_pixels([], processor).shape == (0, 3, images.SIZE, images.SIZE)
+    assert pixels.load_pixels([], processor).shape == (0, 3, fixtures.IMAGE_SIZE, fixtures.IMAGE_SIZE)
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="bad.png: not an image"):
         pixels.load_pixels([*paths, tmp_path / "bad.png"], processor)

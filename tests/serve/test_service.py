@@ -12,8 +12,8 @@ import pytest
 from ferry.cli import main
 from bench.load import parse_metrics
 from tests import tiny
-from tests.serve.conftest import Server
 from tests.artifacts import write_manifest
+from tests.server import Server
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +215,7 @@ def test_a_large_valid_body_parses_like_a_small_one(servers):
 def test_a_body_over_the_cap_is_413_before_it_is_read(servers):
     """The text server's cap is what 256 texts of 50,000 escaped characters need (76.8 MB), not the
     image server's; a Content-Length past it is refused at once, without waiting for the body."""
-    from tests.serve.conftest import raw_post
+    from tests.server import raw_post
 
     s = servers["tight"]
     cap = httpx.get(s.url + "/info", timeout=10).json()["serving"]["max_body_bytes"]
@@ -375,7 +375,7 @@ def test_bentoml_serve_refuses_a_tampered_model(served_artifact, tmp_path, bento
     import subprocess
     import sys
 
-    from tests.serve.conftest import ROOT, free_port, server_env
+    from tests.server import ROOT, free_port, server_env
 
     env = server_env(bentoml_home) | {"FERRY_ARTIFACT": str(tampered_copy(served_artifact, tmp_path)), "FERRY_VARIANT": "fp32"}
     cmd = [sys.executable, "-m", "bentoml", "serve", "serve.service:Ferry", "--port", str(free_port()), "--host", "127.0.0.1"]
@@ -393,7 +393,7 @@ def test_a_worker_that_cannot_load_its_model_stops_the_server(served_artifact, t
     import sys
 
     from ferry.files import sha256_file
-    from tests.serve.conftest import ROOT, free_port, server_env, write_manifest
+    from tests.server import ROOT, free_port, server_env
 
     art = tmp_path / "broken"
     shutil.copytree(served_artifact, art)
