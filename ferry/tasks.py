@@ -4,7 +4,7 @@ This is the only module that spells a task's name. Everything else asks a :class
 input is, which data column holds it, which route serves it. The per-stage behaviour of a task
 (how finetune loads and collates its data, how export writes its graph, how the runtime
 preprocesses a request) lives in that stage, keyed by the task, because ``ferry/`` sits below every
-stage and imports none of them (the import-layering test in tests/test_imports.py).
+stage and imports none of them (the import-layering test in tests/test_structure.py).
 """
 
 from __future__ import annotations
