@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ferry", "runtime", "finetune", "export", "serve")
+PACKAGES = ("ferry", "runtime", "finetune", "export", "serve", "predict")
 
 
 def modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
