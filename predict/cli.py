@@ -162,9 +162,10 @@ def predict(args: PredictArgs) -> int:
 
 def require_ray() -> None:
     """Raises FerryError naming the extra when Ray (with Ray Data) is not installed."""
+    import importlib
+
     try:
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
+        importlib.import_module("ray.data")
     except ImportError:
         raise FerryError("--ray needs Ray, which is not installed here: pip install 'ferry[ray]'") from None
 
@@ -178,7 +179,9 @@ def run(args: PredictArgs, plan: Plan, partial: Partial) -> int:
     job = Job(str(Path(args.artifact).resolve()), variant, args.device, args.threads, args.optimization,  # type: ignore[arg-type]
               args.batch_size, args.max_batch_tokens, plan.fmt, plan.column, tuple(plan.keep), args.all_scores,
               str(plan.data.resolve().parent))
-    scorer = Scorer(job)
+    # With --ray and a named variant the driver only reads the artifact's facts: the actors re-check
+    # the variant where they run, as the server's workers do.
+    scorer = Scorer(dataclasses.replace(job, choose=args.ray is None or variant is None))
     rt = scorer.runtime
     for note in rt.notes:
         print(f"ferry predict: warning: {note}", file=sys.stderr)

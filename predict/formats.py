@@ -80,7 +80,7 @@ def header(path: Path, fmt: str) -> list[str]:
         return []
     import csv
 
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:  # a BOM is not part of a name (pyarrow skips it too)
         try:
             return next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ","))
         except StopIteration:

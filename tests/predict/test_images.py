@@ -7,6 +7,7 @@ import csv
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ferry.cli import main
 from runtime.pixels import open_image, preprocess
@@ -15,6 +16,7 @@ from tests import images
 from tests.predict import data
 
 
+@pytest.mark.slow
 def test_images_by_path_and_by_bytes(image_artifact, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -77,6 +77,7 @@ def test_each_row_gets_its_own_text_s_answer(text_artifact, rows, tmp_path, vari
     assert lengths != sorted(lengths)  # the first chunk really was reordered to run
 
 
+@pytest.mark.slow
 def test_predictions_equal_ferry_serve_s_answers(text_artifact, rows, server, tmp_path):
     src = data.write(tmp_path / "in.csv", rows)
     got = data.predictions(predict(text_artifact, src, tmp_path / "out.csv", "--variant", "fp32"))
@@ -182,6 +183,7 @@ def test_resume_refuses_another_setting(text_artifact, rows, tmp_path, monkeypat
 
 
 # --- Ray Data -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ray_on_a_local_instance_writes_the_local_run_s_bytes(text_artifact, rows, tmp_path, capsys):
     pytest.importorskip("ray")  # installed with ferry[ray], which `make install` includes
     src = data.write(tmp_path / "in.parquet", rows)  # row groups of 5, chunks of 7: they never line up
