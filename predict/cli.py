@@ -154,7 +154,7 @@ def predict(args: PredictArgs) -> int:
         try:
             return run(args, plan, partial)
         except DataError:
-            partial.discard()  # a bad row with --on-error fail: a rerun needs another input anyway
+            partial.discard()  # a bad row with --on-error fail, a file pyarrow cannot parse: a rerun needs another input
             raise
         finally:
             partial.close()
@@ -213,7 +213,7 @@ def run(args: PredictArgs, plan: Plan, partial: Partial) -> int:
             partial.add(table, errors)
     finally:
         bar.close()
-    partial.finish(empty_output(scorer_columns(job, rt.labels), plan, job), args.overwrite)
+    partial.finish(empty_output(scorer_columns(job, rt.labels), job), args.overwrite)
     seconds = time.perf_counter() - t0
     write_manifest(args, plan, job, rt, partial.state, input_sha, started, seconds, setup, done)
     summary(plan, partial.state, seconds, setup, rt, args)
@@ -237,7 +237,7 @@ def scorer_columns(job: Job, labels: list[str]) -> list[str]:
     return output_columns(labels, job.keep, job.all_scores)
 
 
-def empty_output(columns: list[str], plan: Plan, job: Job) -> Any:
+def empty_output(columns: list[str], job: Job) -> Any:
     """The output table of no rows (the header or schema of an input without rows)."""
     import pyarrow as pa
 

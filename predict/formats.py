@@ -96,21 +96,32 @@ def columns_needed(fmt: str, column: str, keep: list[str]) -> list[str] | None:
 
 def read_chunks(source: str | Path | BinaryIO, fmt: str, chunk_rows: int, names: list[str], column: str,
                 needed: list[str] | None) -> Iterator[Any]:
-    """Raw chunks of exactly ``chunk_rows`` rows (the last one shorter) of a file or an open stream."""
+    """Raw chunks of exactly ``chunk_rows`` rows (the last one shorter) of a file or an open stream.
+
+    Raises:
+        DataError: a file pyarrow cannot parse (a CSV row with more fields than the header, a
+            damaged Parquet file), with pyarrow's reason.
+    """
+    import pyarrow as pa
+
     if fmt == "jsonl":
         yield from _jsonl_chunks(source, chunk_rows)
         return
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
 
-        batches = pq.ParquetFile(source).iter_batches(batch_size=chunk_rows, columns=needed)
-    else:
-        import pyarrow.csv as pc
+            batches = pq.ParquetFile(source).iter_batches(batch_size=chunk_rows, columns=needed)
+        else:
+            import pyarrow.csv as pc
 
-        opts = csv_options(fmt, names, column)
-        opts["convert_options"].include_columns = needed
-        batches = pc.open_csv(source, **opts)
-    yield from rebatch(batches, chunk_rows)
+            opts = csv_options(fmt, names, column)
+            opts["convert_options"].include_columns = needed
+            batches = pc.open_csv(source, **opts)
+        yield from rebatch(batches, chunk_rows)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowIOError) as e:
+        where = source if isinstance(source, (str, Path)) else "the data file"
+        raise DataError(f"--data {where}: cannot read it as {fmt.upper()} ({first_line(e, 300)})") from None
 
 
 def rebatch(batches: Any, rows: int) -> Iterator[Any]:

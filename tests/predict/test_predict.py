@@ -232,6 +232,10 @@ def test_bad_input_is_one_line_and_status_2(text_artifact, rows, tmp_path, capsy
     (tmp_path / "exists.csv").write_text("x")
     fails("--data", str(src), "-o", str(tmp_path / "exists.csv"), needles=["already exists", "--overwrite"])
     fails("--data", str(src), "-o", str(tmp_path / "o.csv"), "--variant", "fp64", needles=["--variant 'fp64' not in"])
+    broken = tmp_path / "broken.csv"
+    broken.write_text("id,text\na,one\nb,two,three\n")
+    fails("--data", str(broken), "-o", str(tmp_path / "o.csv"), "--variant", "fp32",
+          needles=["cannot read it as CSV", "Expected 2 columns, got 3"])
     labelled = data.write(tmp_path / "labelled.csv", [{"id": "a", "text": "soup", "label": "food"}])
     fails("--data", str(labelled), "-o", str(tmp_path / "o.csv"), "--keep-columns", "id,label", "--variant", "fp32",
           needles=["--keep-columns 'label' has the name of an output column"])
