@@ -125,14 +125,16 @@ def main() -> int:
     rt.engine.run({k: v for k, v in rt._feed(rt.encode(texts[:2])).items()})  # warm-up
     runs: dict[str, list[float]] = {"engine": [], "predict": [], "predict --ray": []}
     lines: dict[str, str] = {}
-    loads = []
+    loads: dict[str, list[float]] = {k: [] for k in runs}  # the 1-minute load average as each run starts
     for r in range(args.rounds):
-        loads.append(os.getloadavg()[0])
+        loads["engine"].append(os.getloadavg()[0])
         seconds, engine_labels = engine_pass(rt, ids, args.batch_size)
         runs["engine"].append(seconds)
+        loads["predict"].append(os.getloadavg()[0])
         seconds, lines["predict"] = predict_pass(args, data, out / "predict.jsonl", variant, ray=False)
         runs["predict"].append(seconds)
         if not args.no_ray:
+            loads["predict --ray"].append(os.getloadavg()[0])
             seconds, lines["predict --ray"] = predict_pass(args, data, out / "predict-ray.jsonl", variant, ray=True)
             runs["predict --ray"].append(seconds)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in runs.items() if v), file=sys.stderr)
@@ -146,7 +148,7 @@ def main() -> int:
         "ratio_ray_over_engine": rate["predict --ray"] / rate["engine"] if "predict --ray" in rate else None,
         "same_labels_as_engine": same_labels,
         "ray_output_identical": None if args.no_ray else (out / "predict-ray.jsonl").read_bytes() == (out / "predict.jsonl").read_bytes(),
-        "summary_lines": lines, "load_1min_at_each_round": loads, "machine": machine_info(),
+        "summary_lines": lines, "load_1min_at_start": loads, "machine": machine_info(),
         "command": " ".join(["python", "benchmarks/predict_throughput.py", *sys.argv[1:]]),
     }
     (out / "predict-throughput.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -160,13 +162,13 @@ def markdown(r: dict) -> str:
     lines = [
         f"`{r['command']}`", "",
         f"{r['rows']} texts ({r['tokens']} tokens after truncation), variant `{r['variant']}`, batch {r['batch_size']}, "
-        f"threads {r['threads']}, {r['rounds']} interleaved rounds; CPU: {cpu.get('model', cpu) if isinstance(cpu, dict) else cpu}; "
-        f"1-minute load at each round: {', '.join(f'{x:.1f}' for x in r['load_1min_at_each_round'])}", "",
-        "| run | seconds per round | rows/s (median) | vs engine |", "|---|---|---|---|",
+        f"threads {r['threads']}, {r['rounds']} interleaved rounds; CPU: {cpu.get('model', cpu) if isinstance(cpu, dict) else cpu}", "",
+        "| run | seconds per round | 1-min load as each started | rows/s (median) | vs engine |", "|---|---|---|---|---|",
     ]
     for k, v in r["seconds"].items():
         if v:
-            lines.append(f"| {k} | {', '.join(f'{s:.1f}' for s in v)} | {r['rows_per_s'][k]:.2f} | "
+            load = ", ".join(f"{x:.1f}" for x in r["load_1min_at_start"][k])
+            lines.append(f"| {k} | {', '.join(f'{s:.1f}' for s in v)} | {load} | {r['rows_per_s'][k]:.2f} | "
                          f"{r['rows_per_s'][k] / r['rows_per_s']['engine']:.2f}x |")
     lines += ["", f"- predict's labels equal the engine's for {r['same_labels_as_engine']} of {r['rows']} texts",
               f"- the --ray output is byte-identical to the local one: {r['ray_output_identical']}", ""]
