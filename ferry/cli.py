@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "pipeline": ("ferry.pipeline", "PipelineArgs", "pipeline", "finetune, export, parity and bench in one run"),
     "serve": ("serve.cli", "ServeArgs", "serve", "serve an artifact over HTTP with BentoML"),
     "store": ("serve.cli", "StoreArgs", "store", "register an artifact in the BentoML model store"),
+    "predict": ("predict.cli", "PredictArgs", "predict", "score a whole file with an artifact, here or on Ray Data"),
 }
 # `ferry bench --url` measures a live server instead of an artifact.
 LOAD_BENCH = ("bench.load", "LoadBenchArgs", "loadbench", "load-test a live ferry server")

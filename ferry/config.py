@@ -32,6 +32,7 @@ def opt(
     required: bool = True,
     many: bool = False,
     short: str | None = None,
+    const: Any = None,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -46,8 +47,10 @@ def opt(
         many: for a list: the flag takes several space-separated values (paths that may
             hold commas), instead of one comma-separated value.
         short: an optional one-letter alias such as ``-o``.
+        const: the value of the flag given without a value (its value is then optional).
     """
-    meta = {"help": help, "choices": choices, "check": check, "positional": positional, "required": required, "many": many, "short": short}
+    meta = {"help": help, "choices": choices, "check": check, "positional": positional, "required": required, "many": many,
+            "short": short, "const": const}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -177,6 +180,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             kwargs["metavar"], kwargs["nargs"] = "PATH", "+"
         else:
             kwargs["metavar"] = f.name.upper() if typing.get_origin(base) is not list else "A,B,..."
+        if meta.get("const") is not None:
+            kwargs["nargs"], kwargs["const"] = "?", meta["const"]
         # Parse with SUPPRESS (to tell flags from config keys), but show the real default.
         if "default" not in help_text:
             kwargs["help"] = f"{help_text} (default: {str(_show(default)).replace('%', '%%')})"

@@ -37,6 +37,19 @@ from runtime.hardware import read_cpu
 from runtime.pixels import PROCESSOR_FILE, processor_from_bytes
 from runtime.tokens import collate, encode, length_groups, load_tokenizer, pad_id
 
+# BentoML's dispatcher (max_batch_size is counted in texts) and the refusal budget per device.
+# max_batch_tokens: the padded tokens of one model batch (benchmarks/batch_tokens.py measures
+# the engine per batch shape). CPU (AMD EPYC, AVX2, demo fp32, 1 thread as a worker runs it):
+# tokens/s is flat from about 128 padded tokens up (84-100% of the best from 8 x 16 to
+# 128 x 128; 512-token texts 74-90%), so a bigger group buys no throughput, only memory and
+# the wait of every text in it: 4,096 runs a full 32-text batch of texts up to 128 tokens as
+# one call and 512-token texts by 8. GPU: text-embeddings-inference's default, not measured here.
+DEVICE_DEFAULTS = {
+    "cpu": {"max_batch_size": 32, "max_latency_ms": 10_000, "max_batch_tokens": 4096},
+    "cuda": {"max_batch_size": 128, "max_latency_ms": 2_000, "max_batch_tokens": 16_384},
+}
+
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
