@@ -154,17 +154,17 @@ class Scorer:
         if progress:
             progress(len(values) - len(valid))
 
-    def _run(self, rows: list[int], texts: list[str], errors: list[str | None], probs: np.ndarray) -> None:
-        """Probabilities of ``texts`` into their ``rows``; a batch that raises is run again one text at
-        a time, so only the texts it raises on get an error."""
+    def _run(self, rows: list[int], items: Any, errors: list[str | None], probs: np.ndarray) -> None:
+        """Probabilities of ``items`` (texts, or pixels ``[N, 3, H, W]``) into their ``rows``; a batch
+        that raises is run again one item at a time, so only the items it raises on get an error."""
         try:
-            probs[rows] = self.runtime.run_batch(texts).probs
-        except Exception as e:  # noqa: BLE001 - reported per row, as the server reports it per text
+            probs[rows] = self.runtime.run_batch(items).probs
+        except Exception as e:  # noqa: BLE001 - reported per row, as the server reports it per item
             if len(rows) == 1:
                 errors[rows[0]] = f"inference failed: {type(e).__name__}: {first_line(e)}"
                 return
-            for r, t in zip(rows, texts):
-                self._run([r], [t], errors, probs)
+            for k, r in enumerate(rows):
+                self._run([r], items[k : k + 1], errors, probs)
 
     # --- images ------------------------------------------------------------------------------
     def _images(self, values: list[Any], errors: list[str | None], probs: np.ndarray, progress: Callable[[int], None] | None) -> None:
@@ -180,7 +180,7 @@ class Scorer:
                 except DataError as e:
                     errors[i] = str(e)
             if rows:
-                self._run_pixels(rows, np.stack(pixels), errors, probs)
+                self._run(rows, np.stack(pixels), errors, probs)
             if progress:
                 progress(min(start + self.batch_size, n) - start)
 
@@ -200,12 +200,3 @@ class Scorer:
             raise DataError(f"{value}: cannot read it ({e.strerror or first_line(e)})") from None
         return preprocess([open_image(data, value)], self.runtime.inputs.processor)[0]
 
-    def _run_pixels(self, rows: list[int], pixels: np.ndarray, errors: list[str | None], probs: np.ndarray) -> None:
-        try:
-            probs[rows] = self.runtime.run_batch(pixels).probs
-        except Exception as e:  # noqa: BLE001 - reported per row, as the server reports it per image
-            if len(rows) == 1:
-                errors[rows[0]] = f"inference failed: {type(e).__name__}: {first_line(e)}"
-                return
-            for k, r in enumerate(rows):
-                self._run_pixels([r], pixels[k : k + 1], errors, probs)
