@@ -153,8 +153,11 @@ def test_sigkill_at_random_moments_leaves_old_or_new_never_half(tmp_path, tiny_b
                 "--seed", "7", "--quiet", "--overwrite"]
     export = ["export", "--variants", "fp32", "--overwrite", "--optimization", "O1", "--threads", "1",
               "--parity-batch-sizes", "1,2", "--parity-seq-lengths", "8", "--quiet"]
-    # this run's checkpoint staging, once it holds the first file written there / the artifact's manifest
-    ckpt_written, art_written = ".{name}.tmp-{pid}-*/metrics.jsonl", ".{name}.tmp-{pid}-*/ferry.json"
+    # this run's checkpoint staging once it holds the first file written there; the artifact's staging once
+    # it holds config.json, copied after the variants are written and before parity, the manifest and the
+    # publish (ferry.json itself exists for only the milliseconds of the fsync before the rename: a 5 ms
+    # poll can miss it, and did on CI)
+    ckpt_written, art_written = ".{name}.tmp-{pid}-*/metrics.jsonl", ".{name}.tmp-{pid}-*/config.json"
     run = Runner(logs)
     try:
         ref = out / "reference"
