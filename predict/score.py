@@ -6,8 +6,8 @@ server's workers use (``runtime.predictor.Runtime``, for either task), with the 
 the device's token budget. The local loop calls it on each chunk, and so does every actor of
 a Ray job, so both give the same rows.
 
-Within a chunk, the valid texts are sorted by length and run ``batch_size`` at a time (the
-runtime groups each batch by token length again, so short texts are not padded to long
+Within a chunk, the valid texts are sorted by token length and run ``batch_size`` at a time
+(the runtime groups each batch by token length again, so short texts are not padded to long
 ones), and every answer is put back in its row. A bad row (no text, a text that is not a
 string or not valid Unicode, an image that cannot be read) gets an ``error`` and no
 prediction; so does a row the model raises on or gives a non-finite score for, found by
@@ -25,6 +25,7 @@ import numpy as np
 from ferry.errors import DataError, first_line
 from ferry.tasks import IMAGE
 from predict.formats import LINE, parse_lines
+from runtime.tokens import encode
 
 LABEL, SCORE, ERROR = "label", "score", "error"
 SCORE_PREFIX = "score_"  # --all-scores: one column per label, score_<label>
@@ -145,7 +146,14 @@ class Scorer:
             if errors[i] is None:
                 errors[i] = text_problem(v)
         valid = [i for i in range(len(values)) if errors[i] is None]
-        valid.sort(key=lambda i: len(values[i]))  # by length, so a batch holds texts of similar lengths
+        # By token length over the whole chunk, so a batch holds texts of nearly one length. The tokens
+        # are counted here and made again by run_batch, which keeps the server's code path whole:
+        # on the BBC demo, tokenizing all 2,225 articles takes about 1% of the model's time, and in
+        # 1,024-row chunks the padded tokens are 1.016x the real ones (1.071x sorted by characters).
+        if valid:
+            counts = encode(self.runtime.inputs.tokenizer, [values[i] for i in valid])
+            tokens = {i: len(e.ids) for i, e in zip(valid, counts)}
+            valid.sort(key=tokens.__getitem__)
         for start in range(0, len(valid), self.batch_size):
             rows = valid[start : start + self.batch_size]
             self._run(rows, [values[i] for i in rows], errors, probs)
