@@ -232,7 +232,7 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str) -> 
         values[name] = value
     for name, f in fields.items():
         if f.metadata.get("positional") and f.metadata.get("required") and f.default is None and values.get(name) is None:
-            problems.append(f"{name.upper()} is required")
+            problems.append(f"{name.upper()} is required{_taken_by_optional_value(fields, ns, name)}")
     for name, value in values.items():
         meta = fields[name].metadata
         where = flag_name(name) if name in ns else f"'{name}' in {config_path}"
@@ -248,6 +248,16 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str) -> 
     if problems:
         raise ConfigError(problems)
     return cls(**values)
+
+
+def _taken_by_optional_value(fields: dict[str, Any], ns: dict[str, Any], missing: str) -> str:
+    """A hint when a flag whose value is optional (``--ray [ADDRESS]``) took the missing positional:
+    ``ferry predict --ray ARTIFACT ...`` reads ARTIFACT as the address."""
+    for name, value in ns.items():
+        const = fields[name].metadata.get("const") if name in fields else None
+        if const is not None and value != const and isinstance(value, str) and Path(value).expanduser().exists():
+            return f" ({flag_name(name)} took {value} as its value: write {missing.upper()} before {flag_name(name)})"
+    return ""
 
 
 def to_dict(args: Any) -> dict[str, Any]:

@@ -241,5 +241,7 @@ def test_bad_input_is_one_line_and_status_2(text_artifact, rows, tmp_path, capsy
     fails("--data", str(labelled), "-o", str(tmp_path / "o.csv"), "--keep-columns", "id,label", "--variant", "fp32",
           needles=["--keep-columns 'label' has the name of an output column"])
     fails("--data", str(src), needles=["--output is required"])
+    run_fails(["predict", "--ray", a, "--data", str(src), "-o", str(tmp_path / "o.csv")], capsys,
+              f"ARTIFACT is required (--ray took {a} as its value: write ARTIFACT before --ray)")
     assert (tmp_path / "exists.csv").read_text() == "x"
     assert not (tmp_path / "o.csv").exists()
