@@ -10,6 +10,7 @@ runs a model the same way. No PyTorch here.
 from __future__ import annotations
 
 import abc
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -196,6 +197,16 @@ def device_value(array: np.ndarray, device_id: int = 0) -> Any:
     return ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
 
 
+def shares_the_cpu(threads: int) -> bool:
+    """Whether a process given ``threads`` engine threads leaves cores to others: ``ferry serve``'s
+    workers and ``ferry predict --ray``'s actors each take a share. OpenVINO must not pin such a
+    process's threads: every process would pin to the same first cores. On 2 cores (AMD EPYC,
+    AVX2; demo artifact, openvino-fp32; benchmarks/openvino_pinning.py), 2 processes x 1 thread
+    ran 5.75-5.94 texts/s pinned and 10.77-11.23 unpinned."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return threads < usable
+
+
 class OpenVinoEngine(Engine):
     """OpenVINO's CPU plugin on an ONNX file, at an explicit inference precision.
 
@@ -220,6 +231,8 @@ class OpenVinoEngine(Engine):
         }
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+            if shares_the_cpu(int(threads)):
+                config["ENABLE_CPU_PINNING"] = False
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         # What OpenVINO actually runs: it quietly keeps f32 where the CPU has no bf16.
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")

@@ -12,6 +12,7 @@ from runtime.hardware import Cpu, read_cpu
 from ferry.cli import main
 from ferry.files import read_manifest
 from tests.cli import EXPORT_FAST
+from tests.export.reference import reference
 
 AVX2 = Cpu("AMD EPYC", "x86_64", frozenset({"avx2", "fma"}))
 AMX = Cpu("Intel Xeon", "x86_64", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}))
@@ -60,12 +61,6 @@ def test_openvino_variants_go_through_the_same_gate(ov_artifact):
         assert ovbf["status"] == "unverified" and "bf16" in ovbf["parity"]["reason"] and ovbf["batch_invariant"] is None
 
 
-def _reference(bert_ckpt):
-    from tests.export.test_parity import _reference as build
-
-    return build(bert_ckpt)
-
-
 def test_openvino_gate_can_fail(ov_artifact, bert_ckpt, tmp_path):
     """A perturbed classifier weight read by OpenVINO fails the fp32 gate."""
     import onnx
@@ -78,7 +73,7 @@ def test_openvino_gate_can_fail(ov_artifact, bert_ckpt, tmp_path):
     w = numpy_helper.to_array(target).copy()
     target.CopyFrom(numpy_helper.from_array(w + 0.05, target.name))
     onnx.save(model, str(tmp_path / "model.onnx"))
-    ref, args = _reference(bert_ckpt)
+    ref, args = reference(bert_ckpt)
     res = check_variant("openvino-fp32", tmp_path / "model.onnx", ref, args.gates(), threads=args.threads)
     assert res["engine"] == "openvino" and res["status"] == "fail" and "max |Δlogit|" in res["reason"]
     ok = check_variant("openvino-fp32", ov_artifact / "model.onnx", ref, args.gates(), threads=args.threads)
@@ -88,7 +83,7 @@ def test_openvino_gate_can_fail(ov_artifact, bert_ckpt, tmp_path):
 def test_bf16_is_unverified_on_a_cpu_without_bf16(ov_artifact, bert_ckpt):
     from export.parity import check_variant
 
-    ref, args = _reference(bert_ckpt)
+    ref, args = reference(bert_ckpt)
     res = check_variant("openvino-bf16", ov_artifact / "model.onnx", ref, args.gates(), threads=args.threads, cpu=AVX2)
     assert res["status"] == "unverified" and "no bf16 instructions" in res["reason"]
     # A CPU that claims bf16: judged by the label gates, unless OpenVINO itself says it runs f32.
@@ -102,7 +97,7 @@ def test_bf16_is_unverified_on_a_cpu_without_bf16(ov_artifact, bert_ckpt):
 def test_a_missing_engine_or_a_graph_that_does_not_compile_is_named(ov_artifact, bert_ckpt, tmp_path, monkeypatch):
     from export.parity import check_variant
 
-    ref, args = _reference(bert_ckpt)
+    ref, args = reference(bert_ckpt)
     garbage = tmp_path / "model.onnx"
     garbage.write_bytes(b"not an onnx graph")
     with pytest.raises(engines.EngineUnavailable, match="OpenVINO cannot compile it on this CPU"):
@@ -125,6 +120,18 @@ def test_openvino_engine_pins_its_precision(ov_artifact):
     assert np.abs(e.run({k: feed[k] for k in e.input_names}) - ort.run({k: feed[k] for k in ort.input_names})).max() < 1e-4
 
 
+def test_openvino_pins_no_thread_of_a_process_that_shares_the_cores(ov_artifact, monkeypatch):
+    """ferry serve's workers and ferry predict --ray's actors each get a share of the cores:
+    OpenVINO pinning each one's threads would put them all on the same first cores."""
+    monkeypatch.setattr(engines.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    shared = engines.open_engine(ov_artifact / "model.onnx", "openvino", "fp32", threads=1)
+    assert shared.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert shared.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    whole = engines.open_engine(ov_artifact / "model.onnx", "openvino", "fp32", threads=4)  # all cores its own
+    own = engines.open_engine(ov_artifact / "model.onnx", "openvino", "fp32", threads=None)
+    assert whole.compiled.get_property("ENABLE_CPU_PINNING") == own.compiled.get_property("ENABLE_CPU_PINNING")
+
+
 def test_tensorrt_provider_list_with_faked_providers():
     trt, cuda, cpu = engines.TENSORRT, engines.CUDA, engines.CPU
     providers = engines.tensorrt_providers("fp16", [trt, cuda, cpu])
@@ -137,6 +144,6 @@ def test_tensorrt_provider_list_with_faked_providers():
 def test_tensorrt_variant_is_unverified_without_a_gpu(bert_ckpt, tmp_path):
     from export.parity import check_variant
 
-    ref, args = _reference(bert_ckpt)
+    ref, args = reference(bert_ckpt)
     res = check_variant("fp16-tensorrt", tmp_path / "model_plain.onnx", ref, args.gates(), threads=args.threads, available=[engines.CUDA, engines.CPU])
     assert res["status"] == "unverified" and engines.TENSORRT in res["reason"]
