@@ -198,11 +198,12 @@ def run(args: PredictArgs, plan: Plan, partial: Partial) -> int:
     done = partial.begin(fingerprint)
     setup = time.perf_counter() - t0
     bar = progress(args, estimate, partial.state["rows"])
+    ray_report: dict[str, Any] = {"address": args.ray}  # --ray: the actor pool and the chunks each actor scored
     try:
         if args.ray is not None:
             from predict.cluster import score_on_ray
 
-            outputs = score_on_ray(job, args, plan, done, bar.update)
+            outputs = score_on_ray(job, args, plan, done, bar.update, ray_report)
         else:
             outputs = local_chunks(scorer, plan, args.chunk_rows, done, bar.update)
         for index, table in enumerate(outputs, start=done):
@@ -215,7 +216,7 @@ def run(args: PredictArgs, plan: Plan, partial: Partial) -> int:
         bar.close()
     partial.finish(empty_output(scorer_columns(job, rt.labels), job), args.overwrite)
     seconds = time.perf_counter() - t0
-    write_manifest(args, plan, job, rt, partial.state, input_sha, started, seconds, setup, done)
+    write_manifest(args, plan, job, rt, partial.state, input_sha, started, seconds, setup, done, ray_report)
     summary(plan, partial.state, seconds, setup, rt, args)
     return 0
 
@@ -255,7 +256,7 @@ def progress(args: PredictArgs, estimate: int | None, done: int) -> Any:
 
 
 def write_manifest(args: PredictArgs, plan: Plan, job: Job, rt: Any, state: dict[str, Any], input_sha: str,
-                   started: str, seconds: float, setup: float, resumed: int) -> None:
+                   started: str, seconds: float, setup: float, resumed: int, ray_report: dict[str, Any]) -> None:
     from runtime.artifact import CONTENT
 
     manifest = rt.artifact.manifest
@@ -274,7 +275,7 @@ def write_manifest(args: PredictArgs, plan: Plan, job: Job, rt: Any, state: dict
                    "rows": state["rows"], "columns": scorer_columns(job, rt.labels)},
         "errors": {"rows": state["errors"], "first": state["first_errors"]},
         "settings": {**to_dict(args), "batch_size": job.batch_size, "max_batch_tokens": job.max_batch_tokens},
-        "ray": None if args.ray is None else {"address": args.ray},
+        "ray": None if args.ray is None else ray_report,
         "resumed_after_chunks": resumed,
         "time": {"started": started, "finished": now_iso(), "seconds": round(seconds, 3),
                  "startup_seconds": round(setup, 3), "rows_per_s": rate(state["rows"] - state["rows_before"], seconds - setup)},

@@ -3,7 +3,8 @@
 A read task reads the file with the local reader (predict/formats.py, wrapped as a Ray Data
 datasource), so it cuts the same chunks, and makes each chunk one row of the dataset (its
 number and its rows as Arrow IPC bytes): however Ray Data merges or splits blocks, a chunk
-stays whole. ``map_batches`` hands the chunks to a fixed pool of actors, each a
+stays whole. ``map_batches`` hands the chunks, one at a time, to the idle actors of a fixed
+pool (the manifest counts the chunks each one scored), each a
 :class:`ChunkScorer` that opens the artifact once in its ``__init__`` (its integrity check
 included) and runs the variant the driver chose. The driver reads the scored chunks back in
 order (``preserve_order``) and writes them with the local writer, so the output is the local
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,7 +34,7 @@ from predict.score import Job, Scorer
 
 LOCAL = "local"  # the --ray address of a Ray instance started on this machine
 
-INDEX, CHUNK = "index", "chunk"  # a row of the dataset: a chunk's number and its rows
+INDEX, CHUNK, ACTOR = "index", "chunk", "actor"  # a row of the dataset: a chunk's number, its rows, who scored it
 
 
 class ChunkSource(FileBasedDatasource):
@@ -59,10 +61,12 @@ class ChunkScorer:
 
     def __init__(self, job: Job) -> None:
         self.scorer = Scorer(job)
+        self.actor = ray.get_runtime_context().get_actor_id()
 
     def __call__(self, batch: Any) -> Any:
         chunks = [to_ipc(self.scorer(from_ipc(b))) for b in batch.column(CHUNK).to_pylist()]
-        return pa.table({INDEX: batch.column(INDEX), CHUNK: pa.array(chunks, pa.binary())})
+        return pa.table({INDEX: batch.column(INDEX), CHUNK: pa.array(chunks, pa.binary()),
+                         ACTOR: pa.array([self.actor] * len(chunks), pa.string())})
 
 
 def to_ipc(table: Any) -> bytes:
@@ -104,8 +108,10 @@ def start(args: Any) -> bool:
     return True
 
 
-def score_on_ray(job: Job, args: Any, plan: Any, skip: int, update: Callable[[int], None]) -> Iterator[Any]:
-    """The output tables of the chunks after the first ``skip``, in order, scored by a pool of Ray actors."""
+def score_on_ray(job: Job, args: Any, plan: Any, skip: int, update: Callable[[int], None],
+                 report: dict[str, Any]) -> Iterator[Any]:
+    """The output tables of the chunks after the first ``skip``, in order, scored by a pool of Ray
+    actors; ``report`` gets the pool (actors, threads per actor) and the chunks each actor scored."""
     started = start(args)
     try:
         ctx = ray.data.DataContext.get_current()
@@ -117,18 +123,21 @@ def score_on_ray(job: Job, args: Any, plan: Any, skip: int, update: Callable[[in
         cpus = int(ray.cluster_resources().get("CPU", 1))
         actors = args.ray_actors or max(1, cpus // threads)
         job = dataclasses.replace(job, threads=threads)
+        report.update(actors=actors, threads_per_actor=threads, chunks_per_actor=[])
+        chunks_by_actor: Counter[str] = Counter()
         needed = formats.columns_needed(plan.fmt, plan.column, plan.keep)
         source = ChunkSource(str(Path(plan.data).resolve()), plan.fmt, args.chunk_rows, plan.names, plan.column, needed, skip)
         # reading takes no CPU of its own: the actors may hold them all and the read still runs
         ds = ray.data.read_datasource(source, num_cpus=0).map_batches(
             ChunkScorer, fn_constructor_args=(job,), batch_size=1, batch_format="pyarrow",
-            # one chunk at a time per actor: a chunk waits for an idle actor, not in a busy one's
-            # queue (Ray's default, 4 in flight, gave one actor 2 of the 3 chunks of 2,225 rows)
+            # one chunk in flight per actor: the next chunk goes to the first actor that is idle
             compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1), num_cpus=threads)
         for expected, row in enumerate(ds.iter_rows(), start=skip):
             if row[INDEX] != expected:  # preserve_order promises file order: anything else is a bug
                 raise RuntimeError(f"Ray Data returned chunk {row[INDEX]} where chunk {expected} was due")
             table = from_ipc(row[CHUNK])
+            chunks_by_actor[row[ACTOR]] += 1
+            report["chunks_per_actor"] = sorted(chunks_by_actor.values(), reverse=True)
             update(table.num_rows)
             yield table
     except ray.exceptions.RayError as e:
