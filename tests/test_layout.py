@@ -1,17 +1,20 @@
 """The layout of tests/: helpers live in plain modules (tests/fixtures.py, tests/cli.py,
-tests/server.py, ...), conftest.py files hold fixtures only and nothing imports them, and every
-directory of tests is a package, so each test module has one dotted name."""
+tests/server.py, ...), conftest.py files hold fixtures only and nothing imports them, no test
+module imports another, and every directory of tests is a package, so each test module has one
+dotted name."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Callable
 
 TESTS = Path(__file__).resolve().parent
 
 
-def conftest_imports(root: Path) -> list[str]:
-    """``path:line`` of every import of a conftest module under ``root``, imports inside functions included."""
+def imports_of(root: Path, forbidden: Callable[[str], bool]) -> list[str]:
+    """``path:line`` of every import under ``root`` that names a module part ``forbidden`` accepts,
+    imports inside functions included."""
     out = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -21,9 +24,18 @@ def conftest_imports(root: Path) -> list[str]:
                 names = [node.module or ""] + [f"{node.module or ''}.{alias.name}" for alias in node.names]
             else:
                 continue
-            if any("conftest" in name.split(".") for name in names):
+            if any(forbidden(part) for name in names for part in name.split(".")):
                 out.append(f"{path.relative_to(root).as_posix()}:{node.lineno}")
     return out
+
+
+def conftest_imports(root: Path) -> list[str]:
+    return imports_of(root, lambda part: part == "conftest")
+
+
+def imports_of_test_modules(root: Path) -> list[str]:
+    """Imports of a test module: what tests share lives in a plain module (tests/serve/images.py, ...)."""
+    return imports_of(root, lambda part: part.startswith("test_"))
 
 
 def non_fixtures(root: Path) -> list[str]:
@@ -54,6 +66,11 @@ def test_no_test_module_imports_a_conftest():
     assert not found, "imports of a conftest module (move the helper to a plain module such as tests/fixtures.py): " + ", ".join(found)
 
 
+def test_no_test_module_imports_another():
+    found = imports_of_test_modules(TESTS)
+    assert not found, "imports of a test module (move the helper to a plain module beside it): " + ", ".join(found)
+
+
 def test_conftest_files_hold_fixtures_only():
     assert len(list(TESTS.rglob("conftest.py"))) >= 4  # the walk sees tests/ and its directories
     found = non_fixtures(TESTS)
@@ -78,6 +95,9 @@ def test_the_checks_find_what_they_forbid(tmp_path):
         "from tests import conftests_notes\n"  # a name that merely contains the word: allowed
         "def test_b():\n"
         "    from tests.export.conftest import run\n"
+        "    from tests.serve.test_image_input import EPS\n"
+        "    from . import test_c\n"
+        "    from tests.serve.images import png_claiming\n"  # a plain module: allowed
     )
     (tmp_path / "serve" / "conftest.py").write_text(
         "import pytest\n"
@@ -88,6 +108,7 @@ def test_the_checks_find_what_they_forbid(tmp_path):
         "class Server: ...\n"
     )
     assert conftest_imports(tmp_path) == [f"serve/test_a.py:{n}" for n in (1, 2, 3, 4, 5, 9)]
+    assert imports_of_test_modules(tmp_path) == [f"serve/test_a.py:{n}" for n in (10, 11)]
     assert non_fixtures(tmp_path) == ["serve/conftest.py:7 helper", "serve/conftest.py:8 Server"]
     assert missing_inits(tmp_path) == ["serve"]
     (tmp_path / "serve" / "__init__.py").write_text("")

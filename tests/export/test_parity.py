@@ -13,6 +13,7 @@ from ferry.files import read_manifest
 from runtime.engines import cuda_usable, gpu_present
 from tests import fixtures, tiny
 from tests.artifacts import write_manifest
+from tests.export.reference import reference
 from tests.cli import run
 
 
@@ -65,22 +66,10 @@ def test_parity_fails_on_perturbed_onnx(bert_artifact, tmp_path, capsys):
     assert "fail" in out
 
 
-def _reference(bert_ckpt):
-    from export.parity import GateArgs, build_reference, load_labelled_data, load_source
-
-    ckpt, model, tok = load_source(bert_ckpt, "CHECKPOINT")
-    args = GateArgs(parity_batch_sizes=[2], parity_seq_lengths=[16], threads=1)
-    labelled = load_labelled_data(ckpt.labels, ckpt.heldout, None, "text", "label", 0)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    ref = build_reference(model, tok, ckpt.labels, labelled, 64, names, batch_sizes=args.parity_batch_sizes,
-                          seq_lengths=args.parity_seq_lengths, seed=args.seed)
-    return ref, args
-
-
 def test_fp16_is_unverified_without_cuda_and_never_passed(bert_artifact, bert_ckpt):
     from export.parity import check_variant
 
-    ref, args = _reference(bert_ckpt)
+    ref, args = reference(bert_ckpt)
     # Provider list without CUDA: not run at all.
     res = check_variant("fp16", bert_artifact / "model_fp16.onnx", ref, args.gates(), threads=args.threads, available=["CPUExecutionProvider"])
     assert res["status"] == "unverified" and res["batch_invariance"] is None
@@ -107,7 +96,7 @@ def test_output_name_mismatch_fails_before_values(bert_artifact, bert_ckpt, tmp_
     for node in model.graph.node:
         node.output[:] = ["scores" if o == old else o for o in node.output]
     onnx.save(model, str(tmp_path / "renamed.onnx"))
-    ref, args = _reference(bert_ckpt)
+    ref, args = reference(bert_ckpt)
     res = check_variant("fp32", tmp_path / "renamed.onnx", ref, args.gates(), threads=args.threads)
     assert res["status"] == "fail" and "expected 'logits'" in res["reason"]
 

@@ -70,7 +70,7 @@ def test_non_utf8_bytes(tmp_path, tiny_bert, rows, capsys):
 
 
 def test_non_utf8_file_in_a_directory_is_named(tmp_path, tiny_bert, rows, capsys):
-    from tests.finetune.test_data import write
+    from tests.finetune.datafiles import write
 
     data = write(tmp_path / "d", rows, "dir")
     bad = sorted((data / "sport").iterdir())[3]

@@ -320,7 +320,7 @@ def test_existing_output_is_refused_without_overwrite(trained, tiny_bert, train_
 
 
 def test_output_inside_the_training_data_is_refused(tmp_path, tiny_bert, rows, capsys):
-    from tests.finetune.test_data import write
+    from tests.finetune.datafiles import write
 
     data = write(tmp_path / "data", rows, "dir")
     run_fails(finetune_argv(tiny_bert, data, data / "ckpt"), capsys, "is inside the input")

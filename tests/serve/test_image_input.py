@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 from http import HTTPStatus
 
 import pytest
@@ -17,28 +15,15 @@ from runtime import pixels
 from serve.body import RequestError as ImageRequestError
 from serve.http import decode, parse_json
 from tests import tiny
+from tests.serve.images import EPS, png_claiming
 
 PROCESSOR = pixels.processor_dict(8, [0.5] * 3, [0.5] * 3)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header claims ``width`` x ``height`` pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def encoded(fmt: str, mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, (6, 5), 120).save(buf, format=fmt)
     return buf.getvalue()
-
-
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
-       b"0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n")
 
 
 # --- decompression bombs: PIL's DecompressionBombError is not an OSError -----------------------------
