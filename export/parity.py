@@ -38,6 +38,7 @@ import numpy as np
 
 from runtime.artifact import FAIL, PASS, UNVERIFIED, VARIANTS, VariantSpec
 from runtime.engines import softmax
+from runtime.hardware import physical_cores as default_threads
 from export.inputs import encode, pad_id, random_ids, read_jsonl_texts
 from runtime.tokens import collate
 from ferry.config import non_negative, opt, positive
@@ -149,17 +150,6 @@ class EngineFailed(VariantFailed):
 
 
 # ---------------------------------------------------------------- running the models
-
-
-def default_threads() -> int:
-    try:
-        import psutil
-
-        return int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
-    except ImportError:  # pragma: no cover - psutil ships with the export extra
-        import os
-
-        return os.cpu_count() or 1
 
 
 def use_threads(threads: int | None) -> int:

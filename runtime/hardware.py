@@ -73,3 +73,15 @@ def read_cpu(cpuinfo: str | None = None, machine: str | None = None) -> Cpu:
         elif key in ("flags", "features") and not flags:
             flags.update(value.split())
     return Cpu(model or machine, machine, frozenset(flags))
+
+
+def physical_cores() -> int:
+    """The physical cores of this machine (the logical ones where psutil cannot tell): the default
+    engine threads of an export, a bench and a server's workers."""
+    try:
+        import psutil  # a BentoML dependency, and part of the export extra
+    except ImportError:  # pragma: no cover
+        import os
+
+        return os.cpu_count() or 1
+    return int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)

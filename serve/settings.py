@@ -23,6 +23,7 @@ from runtime.engines import OPT_LEVELS
 from runtime import predictor
 from runtime.predictor import DEVICE_DEFAULTS
 from runtime.artifact import Artifact
+from runtime.hardware import physical_cores
 
 PREFIX = "FERRY_"
 DEFAULT_MODEL = "ferry-classifier"
@@ -38,12 +39,6 @@ GPU_WORKERS = 4
 # thread served 1.7-2.3x the texts/s of 1 worker x 2 threads. So: one worker per physical core
 # up to CPU_MAX_WORKERS, the cores divided among them as engine threads.
 CPU_MAX_WORKERS = 4
-
-
-def physical_cores() -> int:
-    import psutil  # a BentoML dependency
-
-    return int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
 
 
 def worker_split(device: str, workers: int | None, threads: int | None, cores: int | None = None) -> tuple[int, int | None, str]:
