@@ -85,7 +85,10 @@ class TextInputs:
 
     def batch(self, texts: Sequence[str], input_names: Sequence[str], max_group: int | None, max_tokens: int | None) -> Batch:
         """``texts`` in length groups of at most ``max_group`` texts and ``max_tokens`` padded tokens."""
-        encodings = encode(self.tokenizer, texts)
+        return self.group(encode(self.tokenizer, texts), input_names, max_group, max_tokens)
+
+    def group(self, encodings: Sequence[Any], input_names: Sequence[str], max_group: int | None, max_tokens: int | None) -> Batch:
+        """Texts already tokenized by :attr:`tokenizer` (its encodings) in length groups, as :meth:`batch` makes them."""
         lengths = [len(e.ids) for e in encodings]
         groups = length_groups(lengths, max_group, max_tokens=max_tokens)
         feeds = [collate([encodings[i].ids for i in g], self.pad_id, input_names, type_ids=[encodings[i].type_ids for i in g])
@@ -425,7 +428,14 @@ class Runtime:
     def run_batch(self, items: Any) -> Batch:
         """Probabilities for ``items`` (texts, or preprocessed images) in their order, in the
         inference calls the task's inputs group them into."""
-        batch = self.inputs.batch(items, self.input_names, 1 if self.one_per_run else self.max_group, self.max_tokens)
+        return self._infer(self.inputs.batch(items, self.input_names, 1 if self.one_per_run else self.max_group, self.max_tokens))
+
+    def run_encoded(self, encodings: Sequence[Any]) -> Batch:
+        """:meth:`run_batch` on texts the caller has already tokenized with ``inputs.tokenizer`` (the
+        tokenizer's encodings): the same groups and the same answers, without tokenizing twice."""
+        return self._infer(self.inputs.group(encodings, self.input_names, 1 if self.one_per_run else self.max_group, self.max_tokens))
+
+    def _infer(self, batch: Batch) -> Batch:
         probs = np.zeros((sum(map(len, batch.groups)), len(self.labels)), dtype=np.float64)
         for group, feed in zip(batch.groups, batch.feeds):
             logits = self.engine.run(feed)

@@ -33,17 +33,18 @@ def test_a_chunk_runs_in_token_length_order_and_answers_in_row_order(text_artifa
     by_chars = sorted(range(len(TEXTS)), key=lambda i: len(TEXTS[i]))
     assert [tokens[i] for i in by_chars] != sorted(tokens), "the texts no longer tell the two orders apart"
 
-    ran: list[str] = []
-    run_batch = s.runtime.run_batch
+    ran: list[list[int]] = []
+    run_encoded = s.runtime.run_encoded
 
-    def recording(items):
-        ran.extend(items)
-        return run_batch(items)
+    def recording(encodings):
+        ran.extend(e.ids for e in encodings)
+        return run_encoded(encodings)
 
-    s.runtime.run_batch = recording
+    s.runtime.run_encoded = recording
     out = s(chunk(TEXTS))
-    assert sorted(ran) == sorted(TEXTS)
-    assert [tokens[TEXTS.index(t)] for t in ran] == sorted(tokens)  # run by token length
+    ids = [e.ids for e in encode(s.runtime.inputs.tokenizer, TEXTS)]
+    assert sorted(ran) == sorted(ids)  # every text run once
+    assert [len(x) for x in ran] == sorted(tokens)  # run by token length
     alone = [s.runtime.classify([t])[0] for t in TEXTS]
     assert out.column("id").to_pylist() == list(range(len(TEXTS)))
     assert out.column("label").to_pylist() == [a["label"] for a in alone]
@@ -54,15 +55,16 @@ def test_a_failing_batch_is_run_again_one_row_at_a_time(text_artifact):
     """Only the row the engine raises on gets an error; the rows of its batch are answered."""
     s = scorer(text_artifact, batch_size=4)
     expected = s(chunk(TEXTS))
-    run_batch, calls = s.runtime.run_batch, []
+    run_encoded, calls = s.runtime.run_encoded, []
+    goal = encode(s.runtime.inputs.tokenizer, ["goal"])[0].ids
 
-    def failing(items):
-        calls.append(len(items))
-        if "goal" in items:
+    def failing(encodings):
+        calls.append(len(encodings))
+        if any(e.ids == goal for e in encodings):
             raise RuntimeError("engine fault\nsecond line")
-        return run_batch(items)
+        return run_encoded(encodings)
 
-    s.runtime.run_batch = failing
+    s.runtime.run_encoded = failing
     out = s(chunk(TEXTS))
     bad = TEXTS.index("goal")
     errors = out.column("error").to_pylist()
@@ -77,14 +79,15 @@ def test_a_failing_batch_is_run_again_one_row_at_a_time(text_artifact):
 
 def test_a_non_finite_score_is_the_row_s_error(text_artifact):
     s = scorer(text_artifact, batch_size=8)
-    run_batch = s.runtime.run_batch
+    run_encoded = s.runtime.run_encoded
+    goal = encode(s.runtime.inputs.tokenizer, ["goal"])[0].ids
 
-    def nan_for_goal(items):
-        batch = run_batch(items)
-        batch.probs[items.index("goal")] = np.nan
+    def nan_for_goal(encodings):
+        batch = run_encoded(encodings)
+        batch.probs[[e.ids for e in encodings].index(goal)] = np.nan
         return batch
 
-    s.runtime.run_batch = nan_for_goal
+    s.runtime.run_encoded = nan_for_goal
     out = s(chunk(TEXTS))
     errors = out.column("error").to_pylist()
     assert errors[TEXTS.index("goal")] == "the model gave a non-finite score (NaN)"

@@ -16,7 +16,7 @@ from ferry.errors import ArtifactError, ConfigError, FerryError
 from ferry.files import sha256_file
 from runtime import engines as engines_module
 from runtime.predictor import Runtime, TextInputs, resolve_device
-from runtime.tokens import length_groups
+from runtime.tokens import encode, length_groups
 from serve.settings import ServeSettings, worker_split
 from tests.artifacts import copy_artifact, write_manifest
 from tests.server import ROOT
@@ -116,6 +116,18 @@ def test_batched_answers_equal_answers_alone_in_input_order(served_artifact):
     assert [o["label"] for o in out] == [rt.labels[int(np.argmax(p))] for p in batch.probs]
     assert all(abs(sum(o["scores"].values()) - 1) < 1e-9 for o in out)
     assert rt.classify(["soup"])[0].keys() == {"label", "score", "truncated"}
+
+
+def test_texts_tokenized_by_the_caller_run_as_the_texts_do(served_artifact):
+    """run_encoded (ferry predict tokenizes a chunk once, to sort it) makes the groups and the
+    answers run_batch makes of the same texts, bit for bit."""
+    rt = Runtime(served_artifact, variant="fp32", device="cpu", max_group=4, max_tokens=4096)
+    texts = TEXTS * 3
+    want = rt.run_batch(texts)
+    got = rt.run_encoded(encode(rt.inputs.tokenizer, texts))
+    assert got.groups == want.groups and got.runs > 1
+    assert got.tokens == want.tokens and got.truncated == want.truncated
+    assert np.array_equal(got.probs, want.probs)
 
 
 def test_a_batch_dependent_variant_runs_one_text_per_call(served_artifact):
