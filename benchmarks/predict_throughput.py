@@ -134,7 +134,7 @@ def main() -> int:
     from bench.report import machine_info
     from runtime.predictor import Runtime
     from runtime.tokens import collate, encode
-    from serve.settings import physical_cores
+    from runtime.hardware import physical_cores
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

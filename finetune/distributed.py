@@ -54,9 +54,10 @@ def set_threads(processes: int = 1) -> None:
     """Share this machine's cores among the local processes, unless OMP_NUM_THREADS says otherwise."""
     import torch
 
+    from runtime.hardware import usable_cpus
+
     if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // max(1, processes)))
+        torch.set_num_threads(max(1, usable_cpus() // max(1, processes)))
 
 
 def teardown(d: Dist) -> None:

@@ -149,7 +149,7 @@ class Scorer:
         # Tokenized once, and sorted by token length over the whole chunk, so a batch holds texts of
         # nearly one length: in 1,024-row chunks of the BBC demo the padded tokens are 1.016x the
         # real ones (1.071x sorted by characters). The runtime groups each batch as the server does.
-        encodings = dict(zip(valid, encode(self.runtime.inputs.tokenizer, [values[i] for i in valid]))) if valid else {}
+        encodings = dict(zip(valid, encode(self.runtime.inputs.tokenizer, [values[i] for i in valid])))
         valid.sort(key=lambda i: len(encodings[i].ids))
         for start in range(0, len(valid), self.batch_size):
             rows = valid[start : start + self.batch_size]

@@ -10,7 +10,6 @@ runs a model the same way. No PyTorch here.
 from __future__ import annotations
 
 import abc
-import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ferry.errors import ArtifactError, FerryError, first_line
+from runtime.hardware import usable_cpus
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -203,8 +203,7 @@ def shares_the_cpu(threads: int) -> bool:
     process's threads: every process would pin to the same first cores. On 2 cores (AMD EPYC,
     AVX2; demo artifact, openvino-fp32; benchmarks/openvino_pinning.py), 2 processes x 1 thread
     ran 5.75-5.94 texts/s pinned and 10.77-11.23 unpinned."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return threads < usable
+    return threads < usable_cpus()
 
 
 class OpenVinoEngine(Engine):

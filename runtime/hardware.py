@@ -8,6 +8,7 @@ No PyTorch here.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -75,13 +76,16 @@ def read_cpu(cpuinfo: str | None = None, machine: str | None = None) -> Cpu:
     return Cpu(model or machine, machine, frozenset(flags))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or taskset's share), else all of them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def physical_cores() -> int:
     """The physical cores of this machine (the logical ones where psutil cannot tell): the default
     engine threads of an export, a bench and a server's workers."""
     try:
         import psutil  # a BentoML dependency, and part of the export extra
     except ImportError:  # pragma: no cover
-        import os
-
         return os.cpu_count() or 1
     return int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)

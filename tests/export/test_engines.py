@@ -3,6 +3,8 @@ bf16 and missing engines unverified with their reason, the TensorRT provider lis
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -123,7 +125,7 @@ def test_openvino_engine_pins_its_precision(ov_artifact):
 def test_openvino_pins_no_thread_of_a_process_that_shares_the_cores(ov_artifact, monkeypatch):
     """ferry serve's workers and ferry predict --ray's actors each get a share of the cores:
     OpenVINO pinning each one's threads would put them all on the same first cores."""
-    monkeypatch.setattr(engines.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     shared = engines.open_engine(ov_artifact / "model.onnx", "openvino", "fp32", threads=1)
     assert shared.compiled.get_property("ENABLE_CPU_PINNING") is False
     assert shared.compiled.get_property("INFERENCE_NUM_THREADS") == 1
